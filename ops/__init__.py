@@ -1,0 +1,1 @@
+"""Operator tools: database migrations and toolbox credentials. Not imported by functions."""

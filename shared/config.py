@@ -1,0 +1,228 @@
+"""Configuration from environment variables, validated once per process.
+
+Every setting declares which functions read it (`used_by`), so the README's configuration table
+and each function's start-up check come from this one list. A function that starts with a
+missing or invalid variable fails at once with ONE message naming every problem, instead of
+failing on the first request that happens to need the value.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEPLOY = "deploy_mcp_server"
+MANAGE = "manage_mcp_server"
+STATUS = "mcp_status"
+SWEEP = "mcp_status_sweep"
+HEARTBEAT = "dtma_heartbeat_ingest"
+ALL_FUNCTIONS = (DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT)
+USER_FACING = (DEPLOY, MANAGE, STATUS)
+CALLS_DTMA = (DEPLOY, MANAGE, STATUS)
+
+
+class ConfigError(RuntimeError):
+    """Start-up configuration is unusable; the message lists every problem."""
+
+
+def _setting(default: Any, description: str, used_by: Iterable[str] = ALL_FUNCTIONS, **kwargs: Any) -> Any:
+    return Field(default, description=description, json_schema_extra={"used_by": list(used_by)}, **kwargs)
+
+
+class Settings(BaseSettings):
+    """All settings of all functions. Secrets are SecretStr so they never print."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=True, populate_by_name=True)
+
+    # --- database -------------------------------------------------------------------------
+    DATABASE_URL: SecretStr | None = _setting(
+        None, "PostgreSQL URL. When set, the `postgres` transport is used (psycopg pool). On Supabase use the "
+        "transaction pooler (port 6543).")
+    SUPABASE_URL: str | None = _setting(
+        None, "Supabase project URL. With a service key and no DATABASE_URL, the `supabase` transport "
+        "(PostgREST RPC) is used; also the default JWT issuer and JWKS location.")
+    SUPABASE_SERVICE_ROLE_KEY: SecretStr | None = _setting(
+        None, "Supabase secret key (`sb_secret_...`) or legacy service_role JWT, for the `supabase` transport.",
+        validation_alias=AliasChoices("SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_SECRET_KEY"))
+    DB_TRANSPORT: Literal["auto", "postgres", "supabase"] = _setting(
+        "auto", "`auto` picks postgres when DATABASE_URL is set, else supabase.")
+    DB_POOL_MAX_SIZE: int = _setting(4, "Connections per function instance (keep instances x this under "
+                                        "the pooler's limit).", ge=1, le=100)
+    DB_POOL_TIMEOUT_SECONDS: float = _setting(5.0, "Wait for a free connection before answering 503.", gt=0)
+    DB_CONNECT_TIMEOUT_SECONDS: int = _setting(5, "TCP connect timeout to the database.", ge=1)
+    DB_STATEMENT_TIMEOUT_MS: int = _setting(
+        10_000, "Server-side statement timeout sent at connect (0 disables it).", ge=0)
+
+    # --- user authentication (Supabase JWT) --------------------------------------------------
+    SUPABASE_JWT_SECRET: SecretStr | None = _setting(
+        None, "Legacy HS256 JWT secret of the Supabase project.", USER_FACING)
+    SUPABASE_JWKS_URL: str | None = _setting(
+        None, "JWKS of the project's asymmetric signing keys (default: SUPABASE_URL + "
+        "/auth/v1/.well-known/jwks.json).", USER_FACING)
+    SUPABASE_JWT_ISSUER: str | None = _setting(
+        None, "Required `iss` of user tokens (default: SUPABASE_URL + /auth/v1).", USER_FACING)
+
+    # --- backend -> DTMA ----------------------------------------------------------------------
+    DTMA_PORT: int = _setting(30000, "Port of the DTMA agent on every toolbox.", CALLS_DTMA, ge=1, le=65535)
+    DTMA_KEY_MODE: Literal["derived", "legacy"] = _setting(
+        "derived", "`derived`: per-toolbox key HMAC(DTMA_KEY_SECRET, toolbox id, key version). `legacy`: "
+        "one BACKEND_TO_DTMA_API_KEY for every toolbox.", (*CALLS_DTMA, HEARTBEAT))
+    DTMA_KEY_SECRET: SecretStr | None = _setting(
+        None, "Master secret the per-toolbox DTMA keys are derived from (Secret Manager).", CALLS_DTMA)
+    BACKEND_TO_DTMA_API_KEY: SecretStr | None = _setting(
+        None, "Legacy global key sent to every DTMA (DTMA_KEY_MODE=legacy only).", CALLS_DTMA)
+    DTMA_CONNECT_TIMEOUT_SECONDS: float = _setting(2.0, "TCP connect timeout to a DTMA.", CALLS_DTMA, gt=0)
+    DTMA_DEPLOY_BUDGET_SECONDS: float = _setting(
+        1.5, "How long deploy/manage wait for the DTMA's answer before replying 202 (the pull goes on).",
+        (DEPLOY, MANAGE), gt=0)
+    DTMA_STATUS_TIMEOUT_SECONDS: float = _setting(3.0, "Budget of mcp_status?refresh=true's DTMA read.",
+                                                  (STATUS,), gt=0)
+    ALLOW_PRIVATE_TOOLBOX_IPS: bool = _setting(
+        False, "Allow loopback/private/link-local toolbox addresses (local development only).", CALLS_DTMA)
+    HOST_PORT_RANGE: str = _setting("49152-49999", "Host ports allocated to MCP servers when the request "
+                                                   "names none.", (DEPLOY,))
+    ALLOW_PRIVILEGED_PORTS: bool = _setting(False, "Allow host ports below 1024.", (DEPLOY,))
+
+    # --- liveness and deadlines -------------------------------------------------------------------
+    HEARTBEAT_INTERVAL_SECONDS: int = _setting(60, "The DTMA's heartbeat period.", (STATUS, SWEEP), ge=1)
+    HEARTBEAT_GRACE_SECONDS: int = _setting(
+        30, "Slack on top of 3 missed heartbeats before a toolbox is stale/unresponsive.", (STATUS, SWEEP), ge=0)
+    FIRST_CONTACT_GRACE_SECONDS: int = _setting(
+        900, "How long a new toolbox may wait for its first heartbeat.", (SWEEP,), ge=1)
+    DEPLOY_DEADLINE_SECONDS: int = _setting(600, "A deploy not seen running by then fails.", (SWEEP,), ge=1)
+    ACTION_DEADLINE_SECONDS: int = _setting(120, "Deadline of start/stop/restart/remove.", (SWEEP,), ge=1)
+    HEALTH_DEGRADED_AFTER_SECONDS: int = _setting(
+        150, "Heartbeat age after which a running server's health is `degraded`.", (STATUS,), ge=1)
+    SWEEP_BATCH_SIZE: int = _setting(500, "Most rows one sweep changes per kind.", (SWEEP,), ge=1)
+    SWEEP_GUARD_FRACTION: float = _setting(
+        0.5, "If more than this fraction of active toolboxes would turn unresponsive at once, none do.",
+        (SWEEP,), gt=0, le=1)
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    CORS_ALLOWED_ORIGINS: str = _setting(
+        "*", "Comma-separated origins allowed to call the user-facing functions, or `*`.", USER_FACING)
+    MAX_BODY_BYTES: int = _setting(1_048_576, "Largest request body accepted (413 beyond).", ge=1024)
+    IDEMPOTENCY_TTL_SECONDS: int = _setting(86_400, "How long an Idempotency-Key is remembered.",
+                                            (DEPLOY, MANAGE), ge=60)
+
+    # --- logging ----------------------------------------------------------------------------------
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting("INFO", "Log level.")
+    LOG_FORMAT: Literal["auto", "json", "text"] = _setting(
+        "auto", "`auto`: Cloud Logging JSON on Google Cloud (K_SERVICE set), readable text elsewhere.")
+    GOOGLE_CLOUD_PROJECT: str | None = _setting(None, "Project id for trace correlation in logs.")
+
+    @field_validator("HOST_PORT_RANGE")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        low, sep, high = value.partition("-")
+        if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+            raise ValueError("must look like 49152-49999")
+        return value
+
+    @field_validator("SUPABASE_URL", "SUPABASE_JWKS_URL")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _transport_is_possible(self) -> Settings:
+        if self.DB_TRANSPORT == "postgres" and self.DATABASE_URL is None:
+            raise ValueError("DB_TRANSPORT=postgres needs DATABASE_URL")
+        return self
+
+    # --- derived values -----------------------------------------------------------------------
+    @property
+    def db_transport(self) -> Literal["postgres", "supabase"] | None:
+        if self.DB_TRANSPORT != "auto":
+            return self.DB_TRANSPORT
+        if self.DATABASE_URL is not None:
+            return "postgres"
+        if self.SUPABASE_URL and self.SUPABASE_SERVICE_ROLE_KEY is not None:
+            return "supabase"
+        return None
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.SUPABASE_JWKS_URL:
+            return self.SUPABASE_JWKS_URL
+        return f"{self.SUPABASE_URL}/auth/v1/.well-known/jwks.json" if self.SUPABASE_URL else None
+
+    @property
+    def jwt_issuer(self) -> str | None:
+        if self.SUPABASE_JWT_ISSUER:
+            return self.SUPABASE_JWT_ISSUER
+        return f"{self.SUPABASE_URL}/auth/v1" if self.SUPABASE_URL else None
+
+    @property
+    def host_port_range(self) -> tuple[int, int]:
+        low, _, high = self.HOST_PORT_RANGE.partition("-")
+        return int(low), int(high)
+
+    @property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in self.CORS_ALLOWED_ORIGINS.split(",") if o.strip())
+
+    @property
+    def stale_after_seconds(self) -> int:
+        """Three missed heartbeats plus grace (Kubernetes/Nomad: staleness, not failure)."""
+        return 3 * self.HEARTBEAT_INTERVAL_SECONDS + self.HEARTBEAT_GRACE_SECONDS
+
+    @property
+    def on_google_cloud(self) -> bool:
+        return "K_SERVICE" in os.environ
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        secrets = [self.DATABASE_URL, self.SUPABASE_SERVICE_ROLE_KEY, self.SUPABASE_JWT_SECRET,
+                   self.DTMA_KEY_SECRET, self.BACKEND_TO_DTMA_API_KEY]
+        return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
+
+    def problems_for(self, function: str) -> list[str]:
+        """What `function` needs that is missing, as sentences naming the variables."""
+        problems = []
+        if self.db_transport is None:
+            problems.append("no database: set DATABASE_URL, or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+        if function in USER_FACING and self.SUPABASE_JWT_SECRET is None and self.jwks_url is None:
+            problems.append("no way to verify user tokens: set SUPABASE_JWT_SECRET or SUPABASE_URL "
+                            "(or SUPABASE_JWKS_URL)")
+        if function in CALLS_DTMA:
+            if self.DTMA_KEY_MODE == "derived" and self.DTMA_KEY_SECRET is None:
+                problems.append("DTMA_KEY_MODE=derived needs DTMA_KEY_SECRET")
+            if self.DTMA_KEY_MODE == "legacy" and self.BACKEND_TO_DTMA_API_KEY is None:
+                problems.append("DTMA_KEY_MODE=legacy needs BACKEND_TO_DTMA_API_KEY")
+        return problems
+
+
+def _describe(error: ValidationError) -> list[str]:
+    out = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"]) or "configuration"
+        out.append(f"{name}: {item['msg']}")
+    return out
+
+
+def load_settings(function: str | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read and validate the settings, raising one ConfigError that lists every problem."""
+    try:
+        if environ is None:
+            settings = Settings()
+        else:
+            fields = {k: v for k, v in environ.items() if k in Settings.model_fields or k == "SUPABASE_SECRET_KEY"}
+            settings = Settings.model_validate(fields)
+    except ValidationError as exc:
+        raise ConfigError("invalid configuration: " + "; ".join(_describe(exc))) from None
+    problems = settings.problems_for(function) if function else []
+    if problems:
+        raise ConfigError(f"{function} cannot start: " + "; ".join(problems))
+    return settings
+
+
+@functools.cache
+def get_settings(function: str | None = None) -> Settings:
+    """The process's settings (cached: functions-framework may re-import main.py)."""
+    return load_settings(function)

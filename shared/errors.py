@@ -1,0 +1,78 @@
+"""The one error type that crosses layers, and its JSON shape.
+
+Every refusal anywhere (bad input, auth, state machine, database, DTMA) ends up as an ApiError,
+rendered as `{"error": {"code", "message", "details"}}` with its HTTP status, so the web app
+(which sees it as `FunctionsHttpError` with the body on `error.context`) handles one shape.
+Messages are sentences a user can act on; `code` is stable for programs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """A request that cannot be served as asked. `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.code!r}, {self.message!r})"
+
+
+class DomainError(ApiError):
+    """The database refused an operation (state machine, ownership, uniqueness).
+
+    `sqlstate` and `constraint` let a use case turn a generic refusal into a precise message
+    (e.g. which unique constraint a name or port collided with).
+    """
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 *, sqlstate: str = "", constraint: str | None = None) -> None:
+        super().__init__(status, code, message, details)
+        self.sqlstate = sqlstate
+        self.constraint = constraint
+
+
+class ServiceUnavailable(ApiError):
+    """A dependency (database, JWKS) is down: retryable, so it says when to retry."""
+
+    def __init__(self, message: str, retry_after_seconds: int = 5, code: str = "unavailable") -> None:
+        super().__init__(503, code, message, headers={"Retry-After": str(retry_after_seconds)})
+
+
+# SQLSTATEs raised by our SQL functions (sql/migrations/0003_state_machine.sql) and the Postgres
+# errors a user's input can cause, mapped to (HTTP status, error code).
+SQLSTATE_STATUS: dict[str, tuple[int, str]] = {
+    "MC400": (400, "invalid_request"),
+    "MC401": (401, "unauthenticated"),
+    "MC403": (403, "forbidden"),
+    "MC404": (404, "not_found"),
+    "MC409": (409, "conflict"),
+    "MC422": (422, "unprocessable"),
+    "23505": (409, "conflict"),
+    "23514": (400, "invalid_request"),
+    "23503": (404, "not_found"),
+    "22P02": (400, "invalid_request"),
+    "22023": (400, "invalid_request"),
+}
+
+
+def domain_error(sqlstate: str, message: str, details: dict[str, Any] | None = None,
+                 constraint: str | None = None) -> DomainError | None:
+    """The DomainError for a SQLSTATE a request can cause, or None for a server-side fault."""
+    mapped = SQLSTATE_STATUS.get(sqlstate)
+    if mapped is None:
+        return None
+    status, code = mapped
+    return DomainError(status, code, message, details, sqlstate=sqlstate, constraint=constraint)

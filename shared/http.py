@@ -1,0 +1,208 @@
+"""HTTP plumbing shared by every function: routing inside a function, strict JSON bodies, CORS
+for supabase-js, request ids, and rendering every outcome in the one error shape.
+
+functions-framework sends every path and method of a deployment to one Python function, and the
+same code runs standalone (`/`), mounted in the local stack (`/functions/v1/<name>` or
+`/<name>`), and behind Cloud Run's URL. `serve()` hides those differences: handlers see the
+path *below* the function, a parsed body, and raise ApiError for anything that is not a
+success.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import flask
+
+from shared.config import Settings
+from shared.errors import ApiError, ServiceUnavailable
+
+log = logging.getLogger("mcp.http")
+
+# What supabase-js sends (reference design §4, anchors §D) plus what our API reads. A wildcard
+# does not cover `authorization`, so the list is explicit.
+ALLOW_HEADERS = ("authorization, x-client-info, apikey, content-type, x-retry-count, idempotency-key, "
+                 "x-region, traceparent, tracestate, baggage, x-request-id")
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+EXPOSE_HEADERS = "x-request-id, retry-after"
+MAX_JSON_DEPTH = 32
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A successful answer. `body=None` means no body (e.g. 204, which must carry no JSON type)."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    """One request as a handler sees it."""
+
+    request: flask.Request
+    settings: Settings
+    request_id: str
+    path: str
+    log_fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    def header(self, name: str) -> str | None:
+        return self.request.headers.get(name)
+
+    def json(self, *, required: bool = True) -> Any:
+        """The body parsed as strict JSON (see `parse_json`)."""
+        return parse_json(self.request, self.settings.MAX_BODY_BYTES, required=required)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _depth(value: Any, limit: int) -> int:
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def parse_json(request: flask.Request, max_bytes: int, *, required: bool = True) -> Any:
+    """Read the body as JSON, refusing what a lenient parser would let through.
+
+    Oversize bodies are refused before they are read (413), as are bodies that are not UTF-8,
+    use NaN/Infinity, repeat a key (which value would win is parser-dependent), or nest deeper
+    than any real request does.
+    """
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise ApiError(413, "payload_too_large", f"request body is larger than {max_bytes} bytes")
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "payload_too_large", f"request body is larger than {max_bytes} bytes")
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "invalid_json", "request body must be a JSON object")
+        return None
+    mimetype = request.mimetype or ""
+    if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, not {mimetype}")
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "request body is not valid UTF-8") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(400, "invalid_json", f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def subpath(request: flask.Request, function_name: str) -> str:
+    """The path below the function, whichever way the function is mounted."""
+    path = request.path or "/"
+    for name in {function_name, function_name.replace("_", "-")}:
+        for prefix in (f"/functions/v1/{name}", f"/{name}"):
+            if path == prefix or path.startswith(prefix + "/"):
+                return path[len(prefix):] or "/"
+    return path
+
+
+def cors_headers(request: flask.Request, origins: Collection[str]) -> dict[str, str]:
+    """CORS response headers. With an allowlist, only listed origins are echoed back."""
+    headers = {"Access-Control-Allow-Headers": ALLOW_HEADERS, "Access-Control-Allow-Methods": ALLOW_METHODS,
+               "Access-Control-Expose-Headers": EXPOSE_HEADERS, "Access-Control-Max-Age": "3600"}
+    if "*" in origins:
+        headers["Access-Control-Allow-Origin"] = "*"
+    else:
+        origin = request.headers.get("Origin")
+        headers["Vary"] = "Origin"
+        if origin and origin in origins:
+            headers["Access-Control-Allow-Origin"] = origin
+    return headers
+
+
+def _render(status: int, body: Any, headers: dict[str, str]) -> flask.Response:
+    if body is None:
+        return flask.Response(status=status, headers=headers)
+    payload = json.dumps(body, separators=(",", ":"), default=str)
+    return flask.Response(payload, status=status, headers=headers, mimetype="application/json")
+
+
+def serve(
+    request: flask.Request,
+    function_name: str,
+    settings: Settings,
+    handler: Callable[[Call], Reply],
+    *,
+    methods: Collection[str],
+    cors: bool = True,
+) -> flask.Response:
+    """Run `handler` for one request and render whatever happens.
+
+    OPTIONS is answered before any authentication (a preflight carries no credentials, and
+    refusing it blocks every browser call). Unexpected exceptions become a 500 that names the
+    request id, with the traceback only in the log.
+    """
+    started = time.perf_counter()
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    headers = {"X-Request-Id": request_id}
+    if cors:
+        headers.update(cors_headers(request, settings.cors_origins))
+    call = Call(request, settings, request_id, subpath(request, function_name))
+    if request.method == "OPTIONS" and cors:
+        response = _render(204, None, headers)
+    elif request.method not in methods:
+        allowed = ", ".join(sorted(methods))
+        err = ApiError(405, "method_not_allowed", f"{request.method} is not allowed here; use {allowed}")
+        response = _render(err.status, err.body(), {**headers, "Allow": allowed})
+    else:
+        try:
+            reply = handler(call)
+            response = _render(reply.status, reply.body, {**headers, **reply.headers})
+        except ApiError as err:
+            if isinstance(err, ServiceUnavailable):
+                log.warning("%s unavailable: %s", function_name, err.message)
+            response = _render(err.status, err.body(), {**headers, **err.headers})
+        except Exception:
+            log.exception("%s failed", function_name, extra={"json_fields": {"request_id": request_id}})
+            err = ApiError(500, "internal", f"internal error; quote request id {request_id} when reporting it")
+            response = _render(500, err.body(), headers)
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+    fields = {"request_id": request_id, "function": function_name, "method": request.method,
+              "path": call.path, "status": response.status_code, "duration_ms": elapsed_ms, **call.log_fields}
+    log.info("%s %s %s -> %s in %.1f ms", function_name, request.method, call.path, response.status_code,
+             elapsed_ms, extra={"json_fields": fields})
+    return response

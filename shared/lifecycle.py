@@ -1,0 +1,159 @@
+"""The instance state machine: stored statuses, who may move them where, and what users see.
+
+The database enforces the transitions (`instance_status_transitions` in
+sql/migrations/0003_state_machine.sql); this module is the same table for Python readers, the
+README and the tests (`tests/test_lifecycle.py` fails if the two ever differ). It also holds
+the two pure rules the API applies on top: which user action may start from which status, and
+the *effective* status shown to users, where a silent toolbox makes everything `unknown`
+(Kubernetes' NodeStatusUnknown: staleness is not failure, and recovery is automatic).
+
+```
+ (deploy) -> pending_deploy -> deploying -> running <-> stopping -> stopped
+                  |               |  ^        |  ^                   |  |
+                  v               v  |        v  '---- starting <----'  |
+                error <-----------+--+--------+---------' ^             |
+                  |  '--------------------------------------'          |
+                  '-> deleting -> (row removed)  <----- remove ---------'
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """The values of account_tool_installation_status_enum this project writes."""
+
+    PENDING_DEPLOY = "pending_deploy"
+    DEPLOYING = "deploying"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    ERROR = "error"
+    DELETING = "deleting"
+
+
+class Source(StrEnum):
+    API = "api"
+    HEARTBEAT = "heartbeat"
+    SWEEP = "sweep"
+    DTMA = "dtma"
+
+
+class Effective(StrEnum):
+    """What the web app shows (mcp_status `effective_status`)."""
+
+    PENDING = "pending"
+    DEPLOYING = "deploying"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    ERROR = "error"
+    REMOVING = "removing"
+    UNKNOWN = "unknown"
+
+
+S, Src = Status, Source
+_REPORTS = (Src.HEARTBEAT, Src.DTMA)  # observations of the toolbox: heartbeats and direct DTMA reads
+
+
+def _each(frm: Status, to: Status, *sources: Source) -> set[tuple[Status, Status, Source]]:
+    return {(frm, to, src) for src in sources}
+
+
+TRANSITIONS: frozenset[tuple[Status, Status, Source]] = frozenset().union(
+    _each(S.PENDING_DEPLOY, S.DEPLOYING, Src.API),
+    _each(S.PENDING_DEPLOY, S.ERROR, Src.API, Src.SWEEP),
+    _each(S.DEPLOYING, S.RUNNING, Src.API, *_REPORTS),
+    _each(S.DEPLOYING, S.STOPPED, *_REPORTS),
+    _each(S.DEPLOYING, S.ERROR, Src.API, *_REPORTS, Src.SWEEP),
+    _each(S.RUNNING, S.STOPPING, Src.API),
+    _each(S.RUNNING, S.DELETING, Src.API),
+    _each(S.RUNNING, S.STOPPED, *_REPORTS),
+    _each(S.RUNNING, S.ERROR, *_REPORTS),
+    _each(S.STOPPING, S.STOPPED, Src.API, *_REPORTS),
+    _each(S.STOPPING, S.STARTING, Src.API),
+    _each(S.STOPPING, S.ERROR, Src.API, Src.SWEEP),
+    _each(S.STOPPED, S.STARTING, Src.API),
+    _each(S.STOPPED, S.DELETING, Src.API),
+    _each(S.STOPPED, S.RUNNING, *_REPORTS),
+    _each(S.STOPPED, S.ERROR, *_REPORTS),
+    _each(S.STARTING, S.RUNNING, Src.API, *_REPORTS),
+    _each(S.STARTING, S.ERROR, Src.API, Src.SWEEP),
+    _each(S.ERROR, S.STARTING, Src.API),
+    _each(S.ERROR, S.DELETING, Src.API),
+    _each(S.ERROR, S.RUNNING, *_REPORTS),
+    _each(S.ERROR, S.STOPPED, *_REPORTS),
+    _each(S.DELETING, S.ERROR, Src.API, Src.SWEEP),
+)
+
+
+def allowed(frm: str, to: str, source: str) -> bool:
+    return (frm, to, source) in TRANSITIONS
+
+
+@dataclass(frozen=True)
+class Action:
+    """A user action: the statuses it may start from and the transitional status it records."""
+
+    name: str
+    from_statuses: frozenset[Status]
+    records: Status
+
+
+ACTIONS: dict[str, Action] = {
+    "start": Action("start", frozenset({S.STOPPED, S.ERROR}), S.STARTING),
+    "stop": Action("stop", frozenset({S.RUNNING}), S.STOPPING),
+    # restart = stop, then start: from running it passes through stopping; a stopped or failed
+    # server is simply started.
+    "restart": Action("restart", frozenset({S.RUNNING, S.STOPPED, S.ERROR}), S.STARTING),
+    "remove": Action("remove", frozenset({S.RUNNING, S.STOPPED, S.ERROR}), S.DELETING),
+}
+
+# Stored values that are not ours (legacy rows of Agentopia's other tools) map to the nearest
+# meaning instead of surfacing raw enum names in the UI.
+_EFFECTIVE: dict[str, Effective] = {
+    "pending_deploy": Effective.PENDING, "pending_install": Effective.PENDING,
+    "pending_config": Effective.PENDING,
+    "deploying": Effective.DEPLOYING, "installing": Effective.DEPLOYING,
+    "running": Effective.RUNNING, "active": Effective.RUNNING,
+    "stopped": Effective.STOPPED, "disabled": Effective.STOPPED, "uninstalled": Effective.STOPPED,
+    "starting": Effective.STARTING, "stopping": Effective.STOPPING,
+    "error": Effective.ERROR, "error_install": Effective.ERROR, "error_uninstall": Effective.ERROR,
+    "error_runtime": Effective.ERROR,
+    "deleting": Effective.REMOVING, "pending_delete": Effective.REMOVING,
+    "uninstalling": Effective.REMOVING, "pending_uninstall": Effective.REMOVING,
+}
+
+# Toolbox statuses in which its agent's reports are current; any other (unresponsive,
+# provisioning, deprovisioning...) means we do not know what runs there now.
+LIVE_TOOLBOX_STATUSES = frozenset({"active"})
+
+
+def is_stale(toolbox_status: str, heartbeat_age_seconds: float | None, stale_after_seconds: float) -> bool:
+    """True when what we last heard from the toolbox can no longer be trusted."""
+    if toolbox_status not in LIVE_TOOLBOX_STATUSES:
+        return True
+    return heartbeat_age_seconds is None or heartbeat_age_seconds > stale_after_seconds
+
+
+def effective_status(stored: str, *, stale: bool) -> Effective:
+    """The status a user sees: the stored one, unless the toolbox has gone silent."""
+    if stale:
+        return Effective.UNKNOWN
+    return _EFFECTIVE.get(stored, Effective.UNKNOWN)
+
+
+def health(effective: Effective, heartbeat_age_seconds: float | None, degraded_after_seconds: float) -> str:
+    """healthy / degraded / unhealthy / unknown, from the reported state and its freshness."""
+    if effective is Effective.RUNNING:
+        if heartbeat_age_seconds is not None and heartbeat_age_seconds <= degraded_after_seconds:
+            return "healthy"
+        return "degraded"
+    if effective is Effective.ERROR:
+        return "unhealthy"
+    return "unknown"

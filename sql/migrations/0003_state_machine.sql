@@ -1,0 +1,172 @@
+-- The instance state machine, enforced in the database.
+--
+-- Every status change goes through public.cp_apply_instance_transition, which checks the pair
+-- (from, to) and the source against the table below, updates the row and appends the event in
+-- the same transaction. The same table is mirrored in shared/lifecycle.py (a test keeps the two
+-- equal) and drawn in the README.
+--
+-- Domain errors use SQLSTATEs of the made-up class "MC" so both database transports (psycopg
+-- and PostgREST) can map them back to an HTTP status without parsing messages:
+--   MC400 bad input, MC401 unauthenticated, MC404 not found (or not yours), MC409 conflict.
+-- The DETAIL of an MC error is a JSON object with machine-readable context.
+
+create table public.instance_status_transitions (
+  from_status public.account_tool_installation_status_enum not null,
+  to_status public.account_tool_installation_status_enum not null,
+  source public.instance_event_source_enum not null,
+  why text not null,
+  primary key (from_status, to_status, source)
+);
+
+insert into public.instance_status_transitions (from_status, to_status, source, why) values
+  -- deploy: recorded, then sent to the DTMA, then settled by its answer, a heartbeat or the sweep
+  ('pending_deploy', 'deploying', 'api',       'deploy sent to the toolbox DTMA'),
+  ('pending_deploy', 'error',     'api',       'deploy could not be sent'),
+  ('pending_deploy', 'error',     'sweep',     'deploy never left pending_deploy before its deadline'),
+  ('deploying',      'running',   'api',       'DTMA answered with a running container'),
+  ('deploying',      'running',   'heartbeat', 'heartbeat shows the container running'),
+  ('deploying',      'running',   'dtma',      'DTMA status shows the container running'),
+  ('deploying',      'stopped',   'heartbeat', 'container exited cleanly right after deploy'),
+  ('deploying',      'stopped',   'dtma',      'container exited cleanly right after deploy'),
+  ('deploying',      'error',     'api',       'DTMA refused or failed the deploy'),
+  ('deploying',      'error',     'heartbeat', 'heartbeat shows the container failed'),
+  ('deploying',      'error',     'dtma',      'DTMA status shows the container failed'),
+  ('deploying',      'error',     'sweep',     'no report of the container before the deploy deadline'),
+  -- running
+  ('running',        'stopping',  'api',       'stop or restart requested'),
+  ('running',        'deleting',  'api',       'remove requested'),
+  ('running',        'stopped',   'heartbeat', 'container exited with code 0'),
+  ('running',        'stopped',   'dtma',      'container exited with code 0'),
+  ('running',        'error',     'heartbeat', 'container failed or disappeared'),
+  ('running',        'error',     'dtma',      'container failed or disappeared'),
+  -- stopping
+  ('stopping',       'stopped',   'api',       'DTMA stopped the container'),
+  ('stopping',       'stopped',   'heartbeat', 'heartbeat shows the container stopped'),
+  ('stopping',       'stopped',   'dtma',      'DTMA status shows the container stopped'),
+  ('stopping',       'starting',  'api',       'restart: stopped, now starting'),
+  ('stopping',       'error',     'api',       'DTMA failed to stop the container'),
+  ('stopping',       'error',     'sweep',     'stop not confirmed before its deadline'),
+  -- stopped
+  ('stopped',        'starting',  'api',       'start requested'),
+  ('stopped',        'deleting',  'api',       'remove requested'),
+  ('stopped',        'running',   'heartbeat', 'container was started on the toolbox'),
+  ('stopped',        'running',   'dtma',      'container was started on the toolbox'),
+  ('stopped',        'error',     'heartbeat', 'container disappeared or failed'),
+  ('stopped',        'error',     'dtma',      'container disappeared or failed'),
+  -- starting
+  ('starting',       'running',   'api',       'DTMA started the container'),
+  ('starting',       'running',   'heartbeat', 'heartbeat shows the container running'),
+  ('starting',       'running',   'dtma',      'DTMA status shows the container running'),
+  ('starting',       'error',     'api',       'DTMA failed to start the container'),
+  ('starting',       'error',     'sweep',     'start not confirmed before its deadline'),
+  -- error: the user may retry or remove; reports may show the container recovered
+  ('error',          'starting',  'api',       'start or restart requested after an error'),
+  ('error',          'deleting',  'api',       'remove requested'),
+  ('error',          'running',   'heartbeat', 'container is running again'),
+  ('error',          'running',   'dtma',      'container is running again'),
+  ('error',          'stopped',   'heartbeat', 'container exists and exited cleanly'),
+  ('error',          'stopped',   'dtma',      'container exists and exited cleanly'),
+  -- deleting ends with the row's removal (after the DTMA confirms), or in error
+  ('deleting',       'error',     'api',       'DTMA failed to remove the container'),
+  ('deleting',       'error',     'sweep',     'removal not confirmed before its deadline');
+
+-- Raise a domain error with a JSON detail. Kept tiny so every function raises the same way.
+create or replace function public.cp_raise(p_code text, p_message text, p_detail jsonb default '{}')
+returns void
+language plpgsql
+as $$
+begin
+  raise exception using errcode = p_code, message = p_message, detail = p_detail::text;
+end
+$$;
+
+-- The instance as the functions return it (secrets are never stored, so nothing to strip).
+create or replace function public.cp_instance_json(p_instance public.account_tool_instances)
+returns jsonb
+language sql stable
+set search_path = public, pg_temp
+as $$
+  select to_jsonb(p_instance)
+$$;
+
+-- Apply one transition to a locked row: check it against the table, write the row and the
+-- event. Callers lock the row (SELECT ... FOR UPDATE) first; this is the only code that writes
+-- status_on_toolbox, so every change has its event.
+create or replace function public.cp_apply_instance_transition(
+  p_instance public.account_tool_instances,
+  p_to public.account_tool_installation_status_enum,
+  p_source public.instance_event_source_enum,
+  p_message text
+) returns public.account_tool_instances
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_row public.account_tool_instances;
+begin
+  if not exists (
+    select 1 from public.instance_status_transitions t
+    where t.from_status = p_instance.status_on_toolbox and t.to_status = p_to and t.source = p_source
+  ) then
+    perform public.cp_raise('MC409',
+      format('instance %s is %s; %s cannot move it to %s',
+             p_instance.instance_name_on_toolbox, p_instance.status_on_toolbox, p_source, p_to),
+      jsonb_build_object('status', p_instance.status_on_toolbox, 'requested', p_to, 'source', p_source));
+  end if;
+
+  update public.account_tool_instances
+     set status_on_toolbox = p_to,
+         status_changed_at = now(),
+         instance_error_message = case when p_to = 'error' then p_message else null end,
+         missing_heartbeats = 0
+   where id = p_instance.id
+  returning * into v_row;
+
+  insert into public.account_tool_instance_events
+    (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
+     from_status, to_status, source, message)
+  values (v_row.id, v_row.account_tool_environment_id, v_row.instance_name_on_toolbox,
+          p_instance.status_on_toolbox, p_to, p_source, p_message);
+  return v_row;
+end
+$$;
+
+-- RPC: move one instance, guarded by the status the caller expects (optimistic concurrency:
+-- a caller that read "running" and asks running -> stopping fails with MC409 if someone else
+-- moved it meanwhile). p_user_id scopes the lookup to the owner's toolboxes; a row that exists
+-- but is not theirs is reported exactly like a missing one.
+create or replace function public.cp_transition_instance(
+  p_instance_id uuid,
+  p_to text,
+  p_source text,
+  p_message text,
+  p_expected jsonb default null,
+  p_user_id uuid default null
+) returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_row public.account_tool_instances;
+begin
+  select i.* into v_row
+    from public.account_tool_instances i
+    join public.account_tool_environments e on e.id = i.account_tool_environment_id
+   where i.id = p_instance_id
+     and (p_user_id is null or e.user_id = p_user_id)
+   for update of i;
+  if not found then
+    perform public.cp_raise('MC404', 'instance not found', jsonb_build_object('id', p_instance_id));
+  end if;
+  if p_expected is not null and not (p_expected ? v_row.status_on_toolbox::text) then
+    perform public.cp_raise('MC409',
+      format('instance %s is %s, not %s', v_row.instance_name_on_toolbox, v_row.status_on_toolbox,
+             (select string_agg(x, ' or ') from jsonb_array_elements_text(p_expected) x)),
+      jsonb_build_object('status', v_row.status_on_toolbox, 'expected', p_expected));
+  end if;
+  v_row := public.cp_apply_instance_transition(
+    v_row, p_to::public.account_tool_installation_status_enum,
+    p_source::public.instance_event_source_enum, p_message);
+  return public.cp_instance_json(v_row);
+end
+$$;

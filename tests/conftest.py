@@ -1,0 +1,70 @@
+"""Shared fixtures: one real PostgreSQL per test run, isolated per test.
+
+The database is the embedded pgserver unless TEST_DATABASE_URL names another one. (Not
+DATABASE_URL: tests wipe every table between tests, and DATABASE_URL is what points at a
+real deployment.) Migrations are applied through the real runner, so every test run also
+tests them. Each test that touches the database starts from empty tables (plus the catalog's
+seed row): the functions under test commit through their own pools, so per-test transactions
+cannot isolate them, while TRUNCATE is a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth must never probe the metadata server
+
+from devstack import embedded_pg  # noqa: E402
+from ops.migrate import migrate  # noqa: E402
+from tests.factories import Factory  # noqa: E402
+
+TRUNCATE = "truncate auth.users, public.account_tool_instance_events restart identity cascade"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    url = os.environ.get("TEST_DATABASE_URL")
+    server = None
+    if not url:
+        server = embedded_pg.start(keep=False)
+        url = server.uri
+    migrate(url)
+    try:
+        yield url
+    finally:
+        from shared.db import close_all
+
+        close_all()
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture
+def pg(database_url: str) -> Iterator[psycopg.Connection]:
+    """A superuser/owner connection for arranging and asserting; tables are emptied after."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        try:
+            yield conn
+        finally:
+            conn.execute(TRUNCATE)
+
+
+@pytest.fixture
+def factory(pg: psycopg.Connection) -> Factory:
+    return Factory(pg)
+
+
+@pytest.fixture(scope="session")
+def postgres_db(database_url: str) -> Iterator[object]:
+    """The production `postgres` transport on the test database."""
+    from shared.db.postgres import PostgresDatabase
+
+    db = PostgresDatabase(database_url, max_size=4)
+    yield db
+    db.close()

@@ -155,7 +155,10 @@ def cors_headers(request: flask.Request, origins: Collection[str]) -> dict[str, 
 
 def _render(status: int, body: Any, headers: dict[str, str]) -> flask.Response:
     if body is None:
-        return flask.Response(status=status, headers=headers)
+        response = flask.Response(status=status, headers=headers)
+        # An empty answer must not claim a type: supabase-js tries to parse a JSON-typed 204.
+        del response.headers["Content-Type"]
+        return response
     payload = json.dumps(body, separators=(",", ":"), default=str)
     return flask.Response(payload, status=status, headers=headers, mimetype="application/json")
 

@@ -19,6 +19,7 @@ the *effective* status shown to users, where a silent toolbox makes everything `
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -157,3 +158,53 @@ def health(effective: Effective, heartbeat_age_seconds: float | None, degraded_a
     if effective is Effective.ERROR:
         return "unhealthy"
     return "unknown"
+
+
+# --- What a report from the toolbox means for an instance -------------------------------------
+# Docker container states (the `state` field of a container summary) -> the status a report of
+# that state asks for. None: a passing state that says nothing yet (keep what we have).
+# `exited` depends on the exit code, parsed from Docker's status text ("Exited (1) 5 minutes ago").
+DOCKER_STATES: dict[str, tuple[Status | None, str]] = {
+    "created": (None, "container {name} is created but not started yet"),
+    "running": (S.RUNNING, "container {name} is running"),
+    "restarting": (S.ERROR, "container {name} keeps restarting: it exits and Docker starts it again"),
+    "removing": (None, "container {name} is being removed"),
+    "paused": (S.STOPPED, "container {name} is paused"),
+    "exited": (S.STOPPED, "container {name} exited with code 0"),
+    "dead": (S.ERROR, "container {name} is dead: Docker could not stop or remove it"),
+}
+_EXIT_CODE = re.compile(r"^Exited \((-?\d+)\)")
+
+# Status strings other agents put in the instance-format `status_on_toolbox` (the original
+# backend passed them through raw, W12/W14): upper-case DTMA words and Docker states.
+_REPORTED_WORDS: dict[str, Status | None] = {
+    "RUNNING": S.RUNNING, "STOPPED": S.STOPPED, "ERROR": S.ERROR, "FAILED": S.ERROR,
+    "PENDING": None, "STARTING": None, "STOPPING": None, "UNKNOWN": None,
+}
+
+
+def exit_code(status_text: str) -> int | None:
+    match = _EXIT_CODE.match(status_text or "")
+    return int(match.group(1)) if match else None
+
+
+def observed_from_docker(state: str, status_text: str, name: str) -> tuple[Status | None, str]:
+    """The status a container summary asks for, and the sentence recorded with it."""
+    target, message = DOCKER_STATES.get(state, (None, f"container {{name}} is in unknown Docker state {state!r}"))
+    if state == "exited":
+        code = exit_code(status_text)
+        if code not in (None, 0):
+            return S.ERROR, f"container {name} exited with code {code}"
+    return target, message.format(name=name)
+
+
+def observed_from_report(value: str, name: str) -> tuple[Status | None, str]:
+    """The status an instance-format item's `status_on_toolbox` asks for."""
+    if value in DOCKER_STATES:
+        return observed_from_docker(value, "", name)
+    if value in {S.RUNNING, S.STOPPED, S.ERROR}:
+        return Status(value), f"toolbox reports {name} {value}"
+    word = _REPORTED_WORDS.get(value.upper())
+    if word is not None:
+        return word, f"toolbox reports {name} {value.lower()}"
+    return None, f"toolbox reports {name} as {value!r}"

@@ -10,15 +10,19 @@ cannot isolate them, while TRUNCATE is a few milliseconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
+from flask.testing import FlaskClient
 
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
 os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth must never probe the metadata server
+logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 from devstack import embedded_pg  # noqa: E402
 from ops.migrate import migrate  # noqa: E402
@@ -68,3 +72,30 @@ def postgres_db(database_url: str) -> Iterator[object]:
     db = PostgresDatabase(database_url, max_size=4)
     yield db
     db.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+JWT_SECRET = "test-jwt-secret-that-is-at-least-32-bytes-long"
+
+
+@pytest.fixture
+def function_client(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Callable[..., FlaskClient]:
+    """A functions-framework test client for one function, configured like production plus
+    whatever the test overrides (environment variables, as a deployment would set them)."""
+    from functions_framework import create_app
+
+    from shared import runtime
+    from tests.factories import MASTER_SECRET
+
+    def make(function: str, **env: str) -> FlaskClient:
+        settings = {"DATABASE_URL": database_url, "SUPABASE_JWT_SECRET": JWT_SECRET,
+                    "DTMA_KEY_SECRET": MASTER_SECRET, "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
+                    "LOG_FORMAT": "text", **env}
+        for key, value in settings.items():
+            monkeypatch.setenv(key, value)
+        runtime.reset()
+        app = create_app(target=function, source=str(ROOT / "functions" / function / "main.py"))
+        return app.test_client()
+
+    yield make
+    runtime.reset()

@@ -1,0 +1,67 @@
+"""What a function instance builds once and reuses across invocations.
+
+Each `functions/<name>/main.py` calls `runtime.load(<name>)` at import, so a bad configuration
+fails the instance at start with one message listing every problem, instead of failing on
+some later request. Adapters (database pool, DTMA client, JWT verifier) are built on first
+use and then kept for the life of the instance: connection reuse across invocations is most of
+what makes a warm function fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from shared.config import Settings, load_settings
+from shared.db import Database, get_database
+from shared.logging import setup_logging
+
+if TYPE_CHECKING:
+    from shared.auth import JwtVerifier
+    from shared.dtma import DtmaClient
+
+
+@dataclass
+class Runtime:
+    function: str
+    settings: Settings
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @functools.cached_property
+    def db(self) -> Database:
+        return get_database(self.settings)
+
+    @functools.cached_property
+    def verifier(self) -> JwtVerifier:
+        from shared.auth import verifier_from_settings
+
+        return verifier_from_settings(self.settings)
+
+    @functools.cached_property
+    def dtma(self) -> DtmaClient:
+        from shared.dtma import DtmaClient
+
+        return DtmaClient.from_settings(self.settings)
+
+
+_runtimes: dict[str, Runtime] = {}
+_lock = threading.Lock()
+
+
+def load(function: str) -> Runtime:
+    """The runtime of `function` in this process, validated and with logging set up."""
+    with _lock:
+        current = _runtimes.get(function)
+        if current is None:
+            settings = load_settings(function)
+            setup_logging(settings)
+            current = _runtimes[function] = Runtime(function, settings)
+        return current
+
+
+def reset() -> None:
+    """Forget every runtime (tests change the environment between cases)."""
+    with _lock:
+        _runtimes.clear()

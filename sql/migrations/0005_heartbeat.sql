@@ -1,0 +1,183 @@
+-- Heartbeat ingest: one call authenticates the agent, updates its toolbox, reconciles every
+-- instance on it and writes the events, in one transaction (W23: the original made 1 + 1 + N
+-- round trips and could write any instance of any toolbox, W1).
+--
+-- The caller (shared/heartbeat.py) has already parsed and validated the payload and turned each
+-- item into an observation with a target status, so this function only matches and applies:
+--
+-- p_report = {
+--   "dtma_version": text, "system_status": {...}, "boot_id": text|null, "seq": int|null,
+--   "full_list": bool,        -- the container list is the whole truth (absences count)
+--   "docker_error": text|null, -- the agent could not talk to Docker: change no instance
+--   "extra": {...},            -- top-level fields we do not model, kept verbatim
+--   "containers": [{"names": [text], "target": text|null, "message": text,
+--                   "container_id": text, "runtime": {...}}],
+--   "instances":  [{"id": uuid, "target": text|null, "message": text, "runtime": {...}|null}]
+-- }
+--
+-- Concurrency: the toolbox row is locked first (FOR UPDATE), so heartbeats of one toolbox
+-- apply one after the other and heartbeats of different toolboxes never wait for each other.
+-- Time is the database's now(), never the agent's clock (reference anchors B4).
+
+create or replace function public.cp_ingest_heartbeat(p_token_sha256 text, p_report jsonb)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_box public.account_tool_environments;
+  v_obs jsonb;
+  v_rejected int;
+  v_unmanaged jsonb;
+  v_transitions int := 0;
+  v_recovered boolean;
+  v_row public.account_tool_instances;
+  v_obs_row record;
+begin
+  select * into v_box from public.account_tool_environments
+   where dtma_token_sha256 = decode(p_token_sha256, 'hex')
+   for update;
+  if not found then
+    perform public.cp_raise('MC401', 'unknown toolbox token');
+  end if;
+  if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
+    perform public.cp_raise('MC409', format('toolbox is %s; heartbeats are not accepted', v_box.status),
+                            jsonb_build_object('toolbox_status', v_box.status));
+  end if;
+
+  -- Ordering: a beat from the same agent run that is not newer than the last applied one is a
+  -- duplicate or arrived late; acknowledge it and change nothing.
+  if p_report->>'boot_id' is not null and p_report->>'seq' is not null
+     and v_box.dtma_boot_id = p_report->>'boot_id'
+     and v_box.dtma_last_seq >= (p_report->>'seq')::bigint then
+    return jsonb_build_object('toolbox_id', v_box.id, 'ignored', true,
+                              'reason', 'sequence not newer than the last applied heartbeat');
+  end if;
+
+  -- Observations: one per instance of THIS toolbox that the report mentions.
+  select coalesce(jsonb_agg(o), '[]') into v_obs from (
+    select distinct on (i.id) i.id as instance_id, c->>'target' as target, c->>'message' as message,
+           c->>'container_id' as container_id, c->'runtime' as runtime
+      from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
+      join public.account_tool_instances i
+        on i.account_tool_environment_id = v_box.id
+       and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names'))
+    union all
+    select i.id, x->>'target', x->>'message', null, x->'runtime'
+      from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
+      join public.account_tool_instances i
+        on i.id = (x->>'id')::uuid and i.account_tool_environment_id = v_box.id
+  ) o;
+
+  -- W1: instance-format items naming an instance that is not on this toolbox change nothing.
+  select count(*) into v_rejected
+    from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
+   where not exists (select 1 from public.account_tool_instances i
+                     where i.id = (x->>'id')::uuid and i.account_tool_environment_id = v_box.id);
+
+  -- Containers that match no instance: the DTMA itself, other software on the droplet.
+  select coalesce(jsonb_agg(jsonb_build_object('names', c->'names', 'image', c->'runtime'->'image',
+                                               'state', c->'runtime'->'state')), '[]')
+    into v_unmanaged
+    from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
+   where not exists (select 1 from public.account_tool_instances i
+                     where i.account_tool_environment_id = v_box.id
+                       and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names')));
+
+  -- What the report says about each container, written only when it changed (the Docker status
+  -- text, "Up 5 minutes", changes every beat and is not worth a row write and a Realtime event).
+  update public.account_tool_instances i
+     set runtime_details = coalesce(o.runtime, i.runtime_details),
+         container_id = coalesce(o.container_id, i.container_id),
+         last_heartbeat_from_dtma = now(),
+         missing_heartbeats = 0
+    from jsonb_to_recordset(v_obs) as o(instance_id uuid, container_id text, runtime jsonb)
+   where i.id = o.instance_id
+     and (i.missing_heartbeats <> 0
+          or i.container_id is distinct from coalesce(o.container_id, i.container_id)
+          or (i.runtime_details - 'status') is distinct from (coalesce(o.runtime, i.runtime_details) - 'status'));
+
+  -- Status changes the state machine allows for a report; others (e.g. a container still
+  -- running while a stop is in flight) leave the status to the API call or the sweep.
+  for v_obs_row in
+    select i as inst, o.target, o.message
+      from jsonb_to_recordset(v_obs) as o(instance_id uuid, target text, message text)
+      join public.account_tool_instances i on i.id = o.instance_id
+     where o.target is not null and i.status_on_toolbox::text <> o.target
+       and exists (select 1 from public.instance_status_transitions t
+                   where t.from_status = i.status_on_toolbox and t.to_status::text = o.target
+                     and t.source = 'heartbeat')
+     order by i.id
+       for update of i
+  loop
+    perform public.cp_apply_instance_transition(
+      v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, 'heartbeat',
+      v_obs_row.message);
+    v_transitions := v_transitions + 1;
+  end loop;
+
+  -- Level-triggered reconciliation: a full container list that omits a container we expect to
+  -- exist counts one miss; two consecutive misses make it an error (one miss can be a race with
+  -- a deploy or a removal in flight).
+  if coalesce((p_report->>'full_list')::boolean, false) and p_report->>'docker_error' is null then
+    update public.account_tool_instances i
+       set missing_heartbeats = i.missing_heartbeats + 1
+     where i.account_tool_environment_id = v_box.id
+       and i.status_on_toolbox in ('running', 'stopped')
+       and not exists (select 1 from jsonb_to_recordset(v_obs) as o(instance_id uuid) where o.instance_id = i.id);
+    for v_row in
+      select * from public.account_tool_instances i
+       where i.account_tool_environment_id = v_box.id and i.missing_heartbeats >= 2
+         and i.status_on_toolbox in ('running', 'stopped')
+       order by i.id
+         for update
+    loop
+      perform public.cp_apply_instance_transition(
+        v_row, 'error', 'heartbeat',
+        format('container %s not found on toolbox (missing from 2 consecutive heartbeats)',
+               v_row.instance_name_on_toolbox));
+      v_transitions := v_transitions + 1;
+    end loop;
+  end if;
+
+  v_recovered := v_box.status = 'unresponsive';
+  update public.account_tool_environments
+     set last_heartbeat_at = now(),
+         dtma_last_known_version = left(p_report->>'dtma_version', 64),
+         dtma_health_details_json = p_report->'system_status',
+         dtma_report_details_json = jsonb_build_object(
+           'unmanaged_containers', v_unmanaged,
+           'docker', case when p_report->>'docker_error' is null then jsonb_build_object('healthy', true)
+                          else jsonb_build_object('healthy', false, 'error', p_report->>'docker_error') end,
+           'rejected_items', v_rejected,
+           'extra', coalesce(p_report->'extra', '{}')),
+         dtma_boot_id = coalesce(p_report->>'boot_id', dtma_boot_id),
+         dtma_last_seq = case when p_report->>'boot_id' is null then dtma_last_seq
+                              else (p_report->>'seq')::bigint end,
+         status = case when status in ('provisioning', 'awaiting_heartbeat', 'unresponsive', 'error_provisioning')
+                       then 'active' else status end,
+         status_changed_at = case when status in ('provisioning', 'awaiting_heartbeat', 'unresponsive',
+                                                  'error_provisioning') then now() else status_changed_at end,
+         provisioning_error_message = case when status = 'error_provisioning' then null
+                                           else provisioning_error_message end
+   where id = v_box.id;
+
+  -- The toolbox is back: say so on each instance's history (their stored status was kept, so
+  -- the effective status is exact again from this moment).
+  if v_recovered then
+    insert into public.account_tool_instance_events
+      (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
+       from_status, to_status, source, message)
+    select i.id, i.account_tool_environment_id, i.instance_name_on_toolbox, i.status_on_toolbox,
+           i.status_on_toolbox, 'heartbeat', 'toolbox is reporting again'
+      from public.account_tool_instances i where i.account_tool_environment_id = v_box.id;
+  end if;
+
+  return jsonb_build_object(
+    'toolbox_id', v_box.id, 'ignored', false, 'previous_status', v_box.status,
+    'matched', jsonb_array_length(v_obs), 'transitions', v_transitions,
+    'rejected', v_rejected, 'unmanaged', jsonb_array_length(v_unmanaged));
+end
+$$;
+
+select public.cp_restrict_rpc_to_service_role();

@@ -51,6 +51,12 @@ class ServiceUnavailable(ApiError):
         super().__init__(503, code, message, headers={"Retry-After": str(retry_after_seconds)})
 
 
+# SQLSTATE classes a retry can cure: connection exception (08), transaction rollback such as a
+# serialization failure or deadlock (40), insufficient resources (53), operator intervention such
+# as a statement timeout or a shutdown during failover (57). Other classes psycopg reports as
+# "operational" (28 auth, 2F/38/39 routine errors, 54 limits) are bugs or misconfiguration.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
+
 # SQLSTATEs raised by our SQL functions (sql/migrations/0003_state_machine.sql) and the Postgres
 # errors a user's input can cause, mapped to (HTTP status, error code).
 SQLSTATE_STATUS: dict[str, tuple[int, str]] = {

@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shared.config import Settings
 from shared.db import check_call
-from shared.errors import ServiceUnavailable, domain_error
+from shared.errors import TRANSIENT_SQLSTATE_CLASSES, ServiceUnavailable, domain_error
 
 log = logging.getLogger("mcp.db")
 
@@ -47,7 +47,9 @@ def translate(exc: psycopg.Error) -> Exception:
     """Map a psycopg error to what the caller should answer."""
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return ServiceUnavailable("the database took too long to answer; retry shortly", 2)
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+    if isinstance(exc, psycopg.InterfaceError) or (
+            isinstance(exc, psycopg.OperationalError)
+            and (not exc.sqlstate or exc.sqlstate.startswith(TRANSIENT_SQLSTATE_CLASSES))):
         return ServiceUnavailable("the database is unreachable; retry shortly", 5)
     diag = exc.diag
     detail: dict[str, Any] = {}

@@ -19,11 +19,13 @@ from supabase import Client, ClientOptions, create_client
 
 from shared.config import Settings
 from shared.db import check_call
-from shared.errors import ServiceUnavailable, domain_error
+from shared.errors import TRANSIENT_SQLSTATE_CLASSES, ServiceUnavailable, domain_error
 
 _CONSTRAINT = re.compile(r'constraint "([^"]+)"')
 # PostgREST's own codes for "could not reach / use the database" (PGRST000-PGRST003).
 _UNAVAILABLE = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
+# A proxy's error page (not PostgREST JSON) reaches us as APIError with the HTTP status as code.
+_GATEWAY_STATUSES = {"502", "503", "504"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -36,7 +38,7 @@ def _jsonable(value: Any) -> Any:
 
 def translate(exc: APIError) -> Exception:
     code = exc.code or ""
-    if code in _UNAVAILABLE or code.startswith("08") or code == "57014":
+    if code in _UNAVAILABLE or code in _GATEWAY_STATUSES or code.startswith(TRANSIENT_SQLSTATE_CLASSES):
         return ServiceUnavailable("the database is unreachable; retry shortly", 5)
     detail: dict[str, Any] = {}
     if exc.details:

@@ -1,0 +1,1 @@
+"""Local development stack: stand-ins for the pieces that normally run on remote machines."""

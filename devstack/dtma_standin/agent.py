@@ -1,0 +1,419 @@
+"""``StandInAgent``: one simulated toolbox, i.e. a DTMA process plus the Docker engine it drives."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import uuid
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from devstack.dtma_standin.control import ControlSurface
+from devstack.dtma_standin.engine import Container, Engine
+from devstack.dtma_standin.heartbeat import HeartbeatScheduler, ScheduleEntry, heartbeat_url
+from devstack.dtma_standin.report import heartbeat_payload
+from devstack.dtma_standin.routes import DtmaApp, ManagedInstance, RequestRecord, Route
+from devstack.dtma_standin.server import Listener
+
+#: The DTMA's own container on a real droplet, always running and always in the heartbeat.
+SELF_CONTAINER = "dtma_manager"
+SELF_IMAGE = "ghcr.io/maverick-software/dtma-agent:latest"
+#: The port the DTMA publishes inside its container (``EXPOSE 30000``).
+DTMA_PORT = 30000
+UNMANAGED_IMAGE = "standin/unmanaged:latest"
+
+
+@dataclass(frozen=True)
+class ContainerSnapshot:
+    """A read-only copy of one container, for tests and tools to inspect.
+
+    ``env`` holds the values the deploy passed; it is left out of ``repr`` and of
+    :meth:`to_json` so that printing or serving a snapshot never exposes credentials.
+    """
+
+    name: str
+    id: str
+    image: str
+    state: str
+    exit_code: int
+    host_ports: tuple[int, ...]
+    port_bindings: dict[str, list[dict[str, str]]]
+    managed: bool
+    account_tool_instance_id: Any
+    env: tuple[str, ...] = field(repr=False)
+
+    @classmethod
+    def of(cls, container: Container, instance: ManagedInstance | None) -> ContainerSnapshot:
+        return cls(
+            name=container.name,
+            id=container.id,
+            image=container.image,
+            state=container.state,
+            exit_code=container.exit_code,
+            host_ports=tuple(port.host_port for port in container.published),
+            port_bindings={
+                spec: [dict(b) for b in bindings] for spec, bindings in container.port_bindings.items()
+            },
+            managed=instance is not None,
+            account_tool_instance_id=instance.account_tool_instance_id if instance else None,
+            env=tuple(container.env),
+        )
+
+    def env_dict(self) -> dict[str, str]:
+        """``KEY=VALUE`` entries as a dict (an entry without ``=`` maps to an empty string)."""
+        return dict(entry.partition("=")[::2] for entry in self.env)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON view for ``GET /_standin/state``: environment variable names only, never values."""
+        return {
+            "name": self.name,
+            "id": self.id,
+            "image": self.image,
+            "state": self.state,
+            "exit_code": self.exit_code,
+            "host_ports": list(self.host_ports),
+            "port_bindings": self.port_bindings,
+            "managed": self.managed,
+            "account_tool_instance_id": self.account_tool_instance_id,
+            "env_keys": sorted(self.env_dict()),
+        }
+
+
+class StandInAgent:
+    """A real HTTP server on loopback that answers like the DTMA agent of one toolbox.
+
+    Construct, then :meth:`start` (or use it as a context manager). The token plays the
+    role of ``DTMA_AUTH_TOKEN`` in ``/etc/dtma.conf``: it authenticates the backend's
+    ``/tools`` calls *and* signs the agent's own heartbeats, as in lineage A (§3.1, §3.8).
+
+    ``heartbeat_url`` is the backend *base* URL (``AGENTOPIA_API_BASE_URL``, e.g.
+    ``http://127.0.0.1:54321/functions/v1``); heartbeats are posted to ``<base>/heartbeat``.
+    Without it the agent sends none. ``scheduler`` lets many agents share one heartbeat
+    thread (see :class:`~devstack.dtma_standin.fleet.StandInFleet`); by default an agent
+    with a ``heartbeat_url`` gets its own.
+
+    All control methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        pull_delay: float = 0.0,
+        heartbeat_url: str | None = None,
+        heartbeat_interval: float = 60.0,
+        send_boot_id_seq: bool = False,
+        dtma_version: str = "0.1.0",
+        unmanaged_containers: int = 0,
+        include_self: bool = True,
+        scheduler: HeartbeatScheduler | None = None,
+    ) -> None:
+        if not token:
+            raise ValueError("token must be a non-empty string (the agent refuses to start without one)")
+        _require(pull_delay >= 0, "pull_delay must be >= 0")
+        _require(heartbeat_interval > 0, "heartbeat_interval must be > 0")
+        _require(unmanaged_containers >= 0, "unmanaged_containers must be >= 0")
+        self._token = token
+        self._lock = threading.RLock()
+        self._engine = Engine()
+        self._app = DtmaApp(
+            token=token,
+            engine=self._engine,
+            lock=self._lock,
+            dtma_version=dtma_version,
+            pull_delay=pull_delay,
+        )
+        self._listener = Listener(host, port, self._app.handle)
+        self._heartbeat_url = _heartbeat_target(heartbeat_url)
+        self._heartbeat_interval = heartbeat_interval
+        self._send_boot_id_seq = send_boot_id_seq
+        self._dtma_version = dtma_version
+        self._unmanaged_containers = unmanaged_containers
+        self._include_self = include_self
+        self._scheduler = scheduler
+        self._owns_scheduler = False
+        self._schedule_entry: ScheduleEntry | None = None
+        self._boot_id = str(uuid.uuid4())
+        self._seq = 0
+        self._paused = False
+        self._heartbeats_sent = 0
+        self._last_heartbeat_status: int | None = None
+        self._phase = "new"
+
+    def __repr__(self) -> str:
+        return f"<StandInAgent {self._phase} on {self._listener.bound_host}:{self._listener.port}>"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Bind, serve from a daemon thread, and start heartbeats if a ``heartbeat_url`` was given."""
+        with self._lock:
+            if self._phase != "new":
+                raise RuntimeError(f"agent is {self._phase}; start() works once")
+            self._phase = "running"
+        try:
+            self._listener.open()
+            self._app.listen_port = self._listener.port
+            self._app.has_api_base_url = self._heartbeat_url is not None
+            if ipaddress.ip_address(self._listener.bound_host).is_loopback:
+                self._app.control = ControlSurface(self).handle  # unauthenticated, so loopback only
+            self._populate_engine()
+            if self._heartbeat_url is not None:
+                self._start_heartbeats()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop heartbeats, close the socket, cut open connections; idempotent."""
+        with self._lock:
+            if self._phase == "stopped":
+                return
+            self._phase = "stopped"
+        self._app.interrupt()
+        if self._scheduler is not None and self._schedule_entry is not None:
+            self._scheduler.remove(self._schedule_entry)
+        if self._owns_scheduler and self._scheduler is not None:
+            self._scheduler.close()
+        self._listener.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- read-only views --------------------------------------------------------------------
+
+    @property
+    def token(self) -> str:
+        """The agent's token (kept out of ``repr``, logs and the request log)."""
+        return self._token
+
+    @property
+    def port(self) -> int:
+        """The bound port; for ``port=0`` only known once started."""
+        if not self._listener.port:
+            raise RuntimeError("the agent has no port until start()")
+        return self._listener.port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the agent's API, e.g. ``http://127.0.0.1:54321``."""
+        host = self._listener.bound_host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def heartbeat_target(self) -> str | None:
+        """The full URL heartbeats go to, or None."""
+        return self._heartbeat_url
+
+    @property
+    def boot_id(self) -> str:
+        """Identifier of the current agent "process"; changes on :meth:`restart_agent`."""
+        return self._boot_id
+
+    @property
+    def heartbeats_sent(self) -> int:
+        """Heartbeats attempted so far, answered or not."""
+        return self._heartbeats_sent
+
+    @property
+    def last_heartbeat_status(self) -> int | None:
+        """Status of the last heartbeat: None before the first, 0 if it got no answer."""
+        return self._last_heartbeat_status
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Requests that reached the agent (method, path, had_valid_auth, status), oldest first."""
+        return self._app.records()
+
+    def containers(self) -> list[ContainerSnapshot]:
+        """Every container on the simulated engine, oldest first (works even while Docker is "down")."""
+        with self._lock:
+            managed = self._app.managed()
+            return [ContainerSnapshot.of(c, managed.get(c.name)) for c in self._engine.containers()]
+
+    def heartbeat_payload(self) -> dict[str, Any]:
+        """Exactly what the next heartbeat would carry (without consuming a ``seq`` number)."""
+        with self._lock:
+            return self._payload(self._seq + 1)
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-ready summary, served as ``GET /_standin/state``."""
+        with self._lock:
+            return {
+                "url": self.url,
+                "accepting_connections": self._listener.is_open,
+                "docker_down": self._engine.down,
+                "pull_delay": self._app.pull_delay,
+                "boot_id": self._boot_id,
+                "heartbeats": {
+                    "target": self._heartbeat_url,
+                    "interval": self._heartbeat_interval,
+                    "paused": self._paused,
+                    "sent": self._heartbeats_sent,
+                    "last_status": self._last_heartbeat_status,
+                    "seq": self._seq,
+                },
+                "containers": [snapshot.to_json() for snapshot in self.containers()],
+            }
+
+    # -- heartbeat control ------------------------------------------------------------------
+
+    def pause_heartbeats(self) -> None:
+        """Skip scheduled heartbeats (the schedule keeps running) until :meth:`resume_heartbeats`."""
+        with self._lock:
+            self._paused = True
+
+    def resume_heartbeats(self) -> None:
+        """Send scheduled heartbeats again, from the next due time on."""
+        with self._lock:
+            self._paused = False
+
+    def send_heartbeat_now(self) -> int:
+        """Send one heartbeat from the calling thread, even while paused; returns the answer's status.
+
+        0 means no HTTP answer (refused, timed out). Raises RuntimeError without a
+        ``heartbeat_url`` or outside the running phase.
+        """
+        if self._heartbeat_url is None:
+            raise RuntimeError("no heartbeat_url configured")
+        if self._phase != "running":
+            raise RuntimeError(f"agent is {self._phase}")
+        return self._send_heartbeat()
+
+    # -- fault simulation -------------------------------------------------------------------
+
+    def restart_agent(self) -> None:
+        """The DTMA process restarts: its managed map is forgotten, containers keep running (§3.10).
+
+        A new ``boot_id`` is drawn, ``seq`` starts again at 1, the agent's own container
+        shows a fresh "Up" time and, as after any start, a heartbeat is sent right away.
+        The HTTP port stays open; combine with :meth:`refuse_connections` for downtime.
+        """
+        with self._lock:
+            self._app.forget_managed()
+            self._boot_id = str(uuid.uuid4())
+            self._seq = 0
+            if self._include_self and self._phase == "running":
+                self._engine.restart(SELF_CONTAINER)
+        if self._scheduler is not None and self._schedule_entry is not None:
+            self._scheduler.trigger(self._schedule_entry)
+
+    def crash_container(self, name: str, exit_code: int = 1) -> None:
+        """A running container's process dies with ``exit_code``.
+
+        Raises KeyError for an unknown container and ValueError for one that is not running.
+        """
+        with self._lock:
+            self._engine.crash(name, exit_code)
+
+    def remove_container_out_of_band(self, name: str) -> None:
+        """The container disappears from Docker behind the DTMA's back; its map entry stays.
+
+        Raises KeyError for an unknown container.
+        """
+        with self._lock:
+            self._engine.vanish(name)
+
+    def set_pull_delay(self, seconds: float) -> None:
+        """How long every later image pull takes (``standin/slow-<S>`` images excepted)."""
+        _require(seconds >= 0, "pull delay must be >= 0")
+        with self._lock:
+            self._app.pull_delay = seconds
+
+    def fail_next(
+        self, route: Route | str, status: int = 500, body: object = None, *, times: int = 1
+    ) -> None:
+        """Answer the next ``times`` calls of ``route`` with ``status`` and JSON ``body``, doing nothing else.
+
+        ``route`` is a :class:`Route` or its value: ``deploy``, ``delete``, ``start``, ``stop``,
+        ``tools_status``, ``status`` or ``health``. ``/tools`` routes still check the token first.
+        The default body is express's generic ``{"error": "Internal Server Error"}``.
+        """
+        _require(100 <= status <= 599, "status must be an HTTP status code")
+        _require(times >= 1, "times must be >= 1")
+        document = {"error": "Internal Server Error"} if body is None else body
+        self._app.inject(Route(route), status, document, times)
+
+    def set_docker_down(self, down: bool = True) -> None:
+        """Make the Docker socket unreachable: heartbeats carry the error item, Docker calls answer 500."""
+        with self._lock:
+            self._engine.down = down
+
+    def refuse_connections(self) -> None:
+        """Close the listening socket and cut open connections: clients now get "connection refused"."""
+        self._require_running()
+        self._listener.close()
+
+    def accept_connections(self) -> None:
+        """Re-bind the same port and serve again."""
+        self._require_running()
+        self._listener.open()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _require_running(self) -> None:
+        if self._phase != "running":
+            raise RuntimeError(f"agent is {self._phase}")
+
+    def _populate_engine(self) -> None:
+        """What runs on a fresh droplet: the DTMA's own container and any other software."""
+        with self._lock:
+            if self._include_self:
+                bindings = {f"{DTMA_PORT}/tcp": [{"HostPort": str(self._listener.port)}]}
+                self._engine.create(
+                    SELF_CONTAINER,
+                    SELF_IMAGE,
+                    env=[],
+                    port_bindings=bindings,
+                    command="docker-entrypoint.sh npm start",
+                )
+                self._engine.start(SELF_CONTAINER)
+            for number in range(1, self._unmanaged_containers + 1):
+                name = f"unmanaged-{number}"
+                self._engine.create(name, UNMANAGED_IMAGE, env=[], port_bindings={}, command="sleep infinity")
+                self._engine.start(name)
+
+    def _start_heartbeats(self) -> None:
+        if self._scheduler is None:
+            self._scheduler = HeartbeatScheduler()
+            self._owns_scheduler = True
+        self._schedule_entry = self._scheduler.add(self._scheduled_beat, self._heartbeat_interval)
+
+    def _scheduled_beat(self) -> None:
+        if self._phase == "running" and not self._paused:
+            self._send_heartbeat()
+
+    def _send_heartbeat(self) -> int:
+        scheduler, url = self._scheduler, self._heartbeat_url
+        if scheduler is None or url is None:
+            raise RuntimeError("heartbeats are not configured")
+        with self._lock:
+            self._seq += 1
+            payload = self._payload(self._seq)
+        status = scheduler.post(url, self._token, payload)
+        with self._lock:
+            self._heartbeats_sent += 1
+            self._last_heartbeat_status = status
+        return status
+
+    def _payload(self, seq: int) -> dict[str, Any]:
+        boot = (self._boot_id, seq) if self._send_boot_id_seq else None
+        return heartbeat_payload(self._engine, dtma_version=self._dtma_version, boot=boot)
+
+
+def _heartbeat_target(base_url: str | None) -> str | None:
+    return None if base_url is None else heartbeat_url(base_url)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

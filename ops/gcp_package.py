@@ -1,0 +1,492 @@
+"""Build each Cloud Run function's upload directory, and the per-function deploy plan for deploy.sh.
+
+    python -m ops.gcp_package --out build/gcp [--function NAME]... [--root DIR]
+    python -m ops.gcp_package --plan --project P [--env-file FILE] [--secret ENV=SECRET[:VERSION]]...
+                              [--no-default-secrets] [--function NAME]... [--format json|shell]
+
+Build: `<out>/<entry_point>/` gets `main.py` (from `functions/<entry_point>/main.py`), a copy of the
+`shared/` package, and a `requirements.txt` pinning pyproject's `[project].dependencies` and their
+runtime dependencies to the versions installed in the Python that runs this (markers evaluated for
+the deploy target, python312 on Linux x86_64). Extras (`local`, `dev`: pgserver, pytest, ...) are
+never followed. Output is deterministic: same files, same bytes, same modes, same mtimes.
+
+Plan: which plain settings and which Secret Manager secrets each function gets. Every setting of
+`shared/config.py` declares its readers (`used_by`), so a function is only given what it reads;
+each function's configuration is then checked with the same `load_settings` the function runs at
+start-up, so a deploy that would start broken is refused before anything is touched.
+
+The tree is `--root`, else $MCP_ROOT, else this file's repository. Exit status 2: refused (the
+message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+try:
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+except ImportError:  # a runtime dependency (via google-cloud-logging); pip vendors it too
+    try:
+        from pip._vendor.packaging.markers import default_environment  # type: ignore[no-redef]
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
+        from pip._vendor.packaging.utils import canonicalize_name  # type: ignore[no-redef]
+    except ImportError:
+        print(f"gcp_package: {sys.executable} has neither `packaging` nor pip: run with the project's "
+              "environment (PYTHON=/path/to/python, or ./deploy.sh local once to create .venv)",
+              file=sys.stderr)
+        sys.exit(2)
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1]
+TARGET_PYTHON = "3.12"  # deploy.sh deploys --runtime=python312
+PRIVATE_FUNCTIONS = frozenset({"mcp_status_sweep"})  # IAM-protected: only Cloud Scheduler invokes it
+# Secrets resolve from Secret Manager; env-var secrets are read when an instance starts.
+DEFAULT_SECRETS = {
+    "DATABASE_URL": "mcp-database-url",
+    "SUPABASE_SERVICE_ROLE_KEY": "mcp-supabase-service-role-key",
+    "SUPABASE_JWT_SECRET": "mcp-supabase-jwt-secret",
+    "DTMA_KEY_SECRET": "mcp-dtma-key-secret",
+}
+# Set by Cloud Run / functions-framework; a deploy must not set them.
+RESERVED_ENV = frozenset({"K_SERVICE", "K_REVISION", "K_CONFIGURATION", "PORT",
+                          "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE"})
+# Development-only distributions: finding one among the runtime dependencies is a packaging bug.
+NEVER_SHIP = frozenset({"pgserver", "pytest", "pytest-timeout", "ruff", "respx", "hypothesis"})
+COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", ".mypy_cache",
+                                     ".ruff_cache", ".DS_Store", "*~")
+GCLOUDIGNORE = "# Written by ops/gcp_package.py: upload everything here except caches.\n" \
+               ".gcloudignore\n__pycache__/\n*.pyc\n"
+FIXED_MTIME = 315_532_800  # 1980-01-01, the earliest time a zip archive can hold
+_SECRET_NAME = re.compile(r"^(projects/[a-z0-9-]+/secrets/)?[A-Za-z0-9_-]{1,255}$")
+_SECRET_VERSION = re.compile(r"^(latest|[1-9][0-9]*)$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PLACEHOLDER_SECRET = "resolved-from-secret-manager"  # noqa: S105 - stands in for a mapped secret
+
+
+class PackagingError(Exception):
+    """The build or plan is refused; the message says why and what to do."""
+
+
+# --- the settings catalog, from shared/config.py -------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    used_by: tuple[str, ...]
+    secret: bool
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Catalog:
+    config: ModuleType
+    functions: tuple[str, ...]
+    settings: dict[str, Setting]
+
+    def lookup(self, env_name: str) -> Setting | None:
+        """The setting an environment variable name sets (by field name or validation alias)."""
+        if env_name in self.settings:
+            return self.settings[env_name]
+        return next((s for s in self.settings.values() if env_name in s.aliases), None)
+
+
+def load_config(root: Path) -> ModuleType:
+    """Import `<root>/shared/config.py` itself (not whatever `shared` is importable)."""
+    path = root / "shared" / "config.py"
+    if not path.is_file():
+        raise PackagingError(f"{path} not found: --root / MCP_ROOT must name the project's tree")
+    name = f"_mcp_deploy_config_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic resolves the model's annotations through sys.modules
+    sys.path.insert(0, str(root))
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as exc:
+        del sys.modules[name]
+        raise PackagingError(
+            f"{sys.executable} cannot import {exc.name!r} (needed by shared/config.py): run deploy.sh with "
+            "the project's environment (PYTHON=/path/to/python, or ./deploy.sh local once to create .venv)"
+        ) from None
+    finally:
+        sys.path.remove(str(root))
+    return module
+
+
+def load_catalog(root: Path) -> Catalog:
+    config = load_config(root)
+    settings = {}
+    for name, info in config.Settings.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        used_by = tuple(extra.get("used_by", config.ALL_FUNCTIONS))
+        alias = info.validation_alias
+        aliases = tuple(a for a in getattr(alias, "choices", ()) if isinstance(a, str) and a != name)
+        settings[name] = Setting(name, used_by, _is_secret(info.annotation, config), aliases)
+    return Catalog(config, tuple(config.ALL_FUNCTIONS), settings)
+
+
+def _is_secret(annotation: Any, config: ModuleType) -> bool:
+    secret_type = config.SecretStr
+    return annotation is secret_type or secret_type in getattr(annotation, "__args__", ())
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+@dataclass
+class FunctionPlan:
+    entry_point: str
+    name: str  # the Cloud Run function's name: kebab case of the entry point
+    public: bool
+    env: dict[str, str]
+    secrets: dict[str, str]  # ENV -> SECRET:VERSION
+
+    @property
+    def env_vars_flag(self) -> str:
+        return dict_flag(self.env)
+
+    @property
+    def secrets_flag(self) -> str:
+        return dict_flag(self.secrets)
+
+
+@dataclass
+class Plan:
+    functions: list[FunctionPlan] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)  # Secret Manager names the runtime SA must read
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "functions": [{"entry_point": f.entry_point, "name": f.name, "public": f.public, "env": f.env,
+                           "secrets": f.secrets, "env_vars_flag": f.env_vars_flag,
+                           "secrets_flag": f.secrets_flag} for f in self.functions],
+            "secrets": self.secrets, "problems": self.problems, "warnings": self.warnings,
+        }
+
+    def as_records(self) -> str:
+        """One record a line, fields separated by US (0x1f), for deploy.sh's `read`."""
+        rows = [("problem", p) for p in self.problems] + [("warning", w) for w in self.warnings]
+        rows += [("function", f.entry_point, f.name, "public" if f.public else "private", f.env_vars_flag,
+                  f.secrets_flag) for f in self.functions]
+        rows += [("secret", s) for s in self.secrets]
+        return "".join("\x1f".join(row) + "\n" for row in rows)
+
+
+def dict_flag(values: dict[str, str]) -> str:
+    """KEY=VALUE,... for gcloud; if a value holds a comma, use gcloud's `^DELIM^` escape."""
+    items = [f"{k}={v}" for k, v in sorted(values.items())]
+    if not any("," in item for item in items):
+        return ",".join(items)
+    delim = next((d for d in "@|;#~%!+" if not any(d in item for item in items)), None)
+    if delim is None:
+        raise PackagingError("no delimiter is free for --set-env-vars: values use all of , @ | ; # ~ % ! +")
+    return f"^{delim}^" + delim.join(items)
+
+
+def function_name(entry_point: str) -> str:
+    return entry_point.replace("_", "-")
+
+
+def select_functions(catalog: Catalog, names: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Entry points to act on (all when `names` is empty; kebab names accepted), and problems."""
+    if not names:
+        return list(catalog.functions), []
+    chosen, problems = [], []
+    for name in names:
+        entry = name.replace("-", "_")
+        if entry in catalog.functions:
+            chosen.append(entry)
+        else:
+            problems.append(f"unknown function {name!r} (one of: {', '.join(catalog.functions)})")
+    return [f for f in catalog.functions if f in chosen], problems
+
+
+def parse_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """KEY=VALUE lines; `#` comments, blank lines and an `export ` prefix allowed; one pair of
+    surrounding quotes stripped; no interpolation. Returns the values and the problems."""
+    values, problems = {}, []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return {}, [f"--env-file {path}: {exc.strerror or exc}"]
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not _ENV_NAME.match(key):
+            problems.append(f"--env-file {path} line {number}: expected KEY=VALUE")
+            continue
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values, problems
+
+
+def parse_secret_flags(catalog: Catalog, flags: Iterable[str], defaults: bool
+                       ) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Setting name -> (environment variable, SECRET:VERSION), and problems.
+    `ENV=` (empty) removes a default mapping."""
+    mapping = {env: (env, f"{name}:latest") for env, name in DEFAULT_SECRETS.items()} if defaults else {}
+    problems = []
+    for flag in flags:
+        env, sep, ref = flag.partition("=")
+        setting = catalog.lookup(env)
+        if not sep:
+            problems.append(f"--secret {flag}: expected ENV=SECRET_NAME[:VERSION]")
+        elif setting is None:
+            problems.append(f"--secret {flag}: {env} is not a setting of shared/config.py")
+        elif not setting.secret:
+            problems.append(f"--secret {flag}: {env} is not a secret; put it in --env-file")
+        elif not ref:
+            mapping.pop(setting.name, None)
+        else:
+            name, _, version = ref.partition(":")
+            version = version or "latest"
+            if not _SECRET_NAME.match(name) or not _SECRET_VERSION.match(version):
+                problems.append(f"--secret {flag}: expected SECRET_NAME[:VERSION], VERSION `latest` or a "
+                                "number")
+            else:
+                mapping[setting.name] = (env, f"{name}:{version}")
+    return mapping, problems
+
+
+def build_plan(root: Path, project: str = "", env_file: Path | None = None, secret_flags: Iterable[str] = (),
+               default_secrets: bool = True, functions: Sequence[str] | None = None) -> Plan:
+    catalog = load_catalog(root)
+    plan = Plan()
+    entries, plan.problems = select_functions(catalog, functions)
+    plain, problems = parse_env_file(env_file) if env_file else ({}, [])
+    plan.problems += problems
+    secrets, problems = parse_secret_flags(catalog, secret_flags, default_secrets)
+    plan.problems += problems
+
+    for key, value in plain.items():
+        setting = catalog.lookup(key)
+        if key in RESERVED_ENV:
+            plan.problems.append(f"--env-file sets {key}, which Cloud Run sets itself: remove it")
+        elif setting is not None and setting.secret:
+            plan.problems.append(f"--env-file sets {key}, a secret: store it in Secret Manager and map it "
+                                 f"with --secret {key}=SECRET_NAME (not as a plain environment variable)")
+        elif _CONTROL.search(value):
+            plan.problems.append(f"--env-file: the value of {key} holds a control character")
+        elif setting is None:
+            plan.warnings.append(f"{key} (--env-file) is not a setting of shared/config.py; "
+                                 "every function gets it")
+    if plan.problems:
+        return plan
+    if project:
+        plain.setdefault("GOOGLE_CLOUD_PROJECT", project)  # not set by the python312 runtime
+
+    for entry in entries:
+        def reads(key: str, entry: str = entry) -> bool:
+            setting = catalog.lookup(key)
+            return setting is None or entry in setting.used_by
+        env = {k: v for k, v in plain.items() if reads(k)}
+        refs = {env_name: ref for name, (env_name, ref) in secrets.items()
+                if entry in catalog.settings[name].used_by}
+        public = entry not in PRIVATE_FUNCTIONS
+        plan.functions.append(FunctionPlan(entry, function_name(entry), public, env, refs))
+        try:  # the check the function itself runs at start-up, with each secret standing in as set
+            catalog.config.load_settings(entry, {**env, **dict.fromkeys(refs, _PLACEHOLDER_SECRET)})
+        except catalog.config.ConfigError as exc:
+            if str(exc) not in plan.problems:
+                plan.problems.append(str(exc))
+        if not (root / "functions" / entry / "main.py").is_file():
+            plan.warnings.append(f"functions/{entry}/main.py does not exist yet: packaging it will fail")
+    plan.secrets = sorted({ref.rpartition(":")[0] for f in plan.functions for ref in f.secrets.values()})
+    return plan
+
+
+# --- requirements.txt ---------------------------------------------------------------------------
+
+def target_environment(python_version: str = TARGET_PYTHON) -> dict[str, str]:
+    """Marker environment of the deploy target (Cloud Run functions: CPython on Linux x86_64)."""
+    env = dict(default_environment())
+    env.update(python_version=python_version, python_full_version=f"{python_version}.0",
+               implementation_name="cpython", implementation_version=f"{python_version}.0",
+               platform_python_implementation="CPython", sys_platform="linux", platform_system="Linux",
+               os_name="posix", platform_machine="x86_64", platform_release="", platform_version="")
+    return env
+
+
+def runtime_dependencies(root: Path) -> list[str]:
+    with (root / "pyproject.toml").open("rb") as fh:
+        return list(tomllib.load(fh)["project"]["dependencies"])
+
+
+def _applies(req: Requirement, extras: Iterable[str], env: dict[str, str]) -> bool:
+    return req.marker is None or any(req.marker.evaluate({**env, "extra": extra}) for extra in extras)
+
+
+def resolve_pins(requirements: Iterable[str], env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Pin `requirements` and everything they need at runtime to the installed versions.
+    Returns requirements.txt lines (sorted) and warnings."""
+    versions: dict[str, str] = {}  # canonical name -> installed version
+    extras_done: dict[str, set[str]] = {}
+    unpinned: dict[str, str] = {}
+    errors, warnings = [], []
+    queue = [(Requirement(line), True) for line in requirements]
+    queue = [(req, top) for req, top in queue if _applies(req, [""], env)]
+    while queue:
+        req, top = queue.pop(0)
+        key = canonicalize_name(req.name)
+        if key in NEVER_SHIP:
+            errors.append(f"{req.name} is a development-only package but a runtime dependency needs it")
+            continue
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            if top:
+                errors.append(f"{req.name} is not installed in {sys.executable}")
+            elif key not in unpinned:
+                unpinned[key] = str(Requirement(f"{req.name}{req.specifier}"))
+                warnings.append(f"{req.name} is needed on python{env['python_version']} but not installed "
+                                f"here; requirements.txt names it unpinned ({unpinned[key]})")
+            continue
+        if req.specifier and not req.specifier.contains(dist.version, prereleases=True):
+            errors.append(f"installed {req.name} {dist.version} does not satisfy {req}")
+        versions[key] = dist.version
+        wanted = {""} | {canonicalize_name(e) for e in req.extras}
+        new = wanted - extras_done.setdefault(key, set())
+        if not new:
+            continue
+        extras_done[key] |= new
+        for line in dist.requires or []:
+            child = Requirement(line)
+            if child.marker is None and "" not in new:
+                continue  # already followed
+            if _applies(child, sorted(new), env):
+                queue.append((child, False))
+    if errors:
+        raise PackagingError("cannot pin the runtime dependencies:\n  - " + "\n  - ".join(errors) +
+                             "\nRun with the project's environment (PYTHON=... or ./deploy.sh local once).")
+    lines = []
+    for key in sorted(set(versions) | set(unpinned)):
+        if key in versions:
+            extras = sorted(e for e in extras_done.get(key, ()) if e)
+            lines.append(f"{key}{'[' + ','.join(extras) + ']' if extras else ''}=={versions[key]}")
+        else:
+            lines.append(unpinned[key])
+    return lines, warnings
+
+
+def render_requirements(root: Path, python_version: str = TARGET_PYTHON) -> tuple[str, list[str]]:
+    lines, warnings = resolve_pins(runtime_dependencies(root), target_environment(python_version))
+    header = (
+        "# Generated by ops/gcp_package.py from pyproject.toml [project].dependencies: do not edit.\n"
+        "# Pinned to the installed versions, runtime dependencies included; markers evaluated for\n"
+        f"# python{python_version} on Linux x86_64. Development extras are never included.\n"
+    )
+    return header + "".join(line + "\n" for line in lines), warnings
+
+
+# --- the upload directory -----------------------------------------------------------------------
+
+def _normalize(tree: Path) -> None:
+    """Same modes and mtimes on every build, so the same inputs give the same upload."""
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH", FIXED_MTIME))
+    for path in [*sorted(tree.rglob("*"), reverse=True), tree]:  # children before their directory
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        os.utime(path, (mtime, mtime))
+
+
+def build(root: Path, out: Path, functions: Sequence[str] | None = None,
+          python_version: str = TARGET_PYTHON) -> tuple[list[Path], list[str]]:
+    """Write `<out>/<entry_point>/` for each function; returns the directories and warnings."""
+    catalog = load_catalog(root)
+    entries, problems = select_functions(catalog, functions)
+    missing = [f"functions/{e}/main.py" for e in entries
+               if not (root / "functions" / e / "main.py").is_file()]
+    if missing:
+        problems.append(f"missing under {root}: {', '.join(missing)} (write the function first)")
+    if not (root / "shared" / "__init__.py").is_file():
+        problems.append(f"{root}/shared/__init__.py not found")
+    if problems:
+        raise PackagingError("cannot package:\n  - " + "\n  - ".join(problems))
+    requirements, warnings = render_requirements(root, python_version)
+    out.mkdir(parents=True, exist_ok=True)
+    built = []
+    for entry in entries:
+        staging, final = out / f".{entry}.staging", out / entry
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        shutil.copyfile(root / "functions" / entry / "main.py", staging / "main.py")
+        shutil.copytree(root / "shared", staging / "shared", ignore=COPY_IGNORE)
+        (staging / "requirements.txt").write_text(requirements, encoding="utf-8")
+        (staging / ".gcloudignore").write_text(GCLOUDIGNORE, encoding="utf-8")
+        _normalize(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        built.append(final)
+    return built, warnings
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.gcp_package", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("MCP_ROOT") or DEFAULT_ROOT),
+                        help="project tree (default: $MCP_ROOT, else this repository)")
+    parser.add_argument("--out", type=Path, default=Path("build/gcp"),
+                        help="where the upload directories go; relative to --root (default build/gcp)")
+    parser.add_argument("--function", action="append", metavar="NAME",
+                        help="only this function (entry point or kebab name); repeatable")
+    parser.add_argument("--python-version", default=TARGET_PYTHON, help="target Python for markers")
+    parser.add_argument("--plan", action="store_true", help="print the deploy plan instead of building")
+    parser.add_argument("--project", default="", help="(plan) GCP project, set as GOOGLE_CLOUD_PROJECT")
+    parser.add_argument("--env-file", type=Path, help="(plan) KEY=VALUE lines of plain settings")
+    parser.add_argument("--secret", action="append", default=[], metavar="ENV=SECRET[:VERSION]",
+                        help="(plan) map a secret setting to Secret Manager; ENV= drops a default")
+    parser.add_argument("--no-default-secrets", action="store_true",
+                        help="(plan) start with no secret mapped")
+    parser.add_argument("--format", choices=("json", "shell"), default="json", help="(plan) output format")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    try:
+        if args.plan:
+            plan = build_plan(root, args.project, args.env_file, args.secret, not args.no_default_secrets,
+                              args.function)
+            if args.format == "shell":
+                sys.stdout.write(plan.as_records())
+            else:
+                json.dump(plan.as_json(), sys.stdout, indent=2)
+                sys.stdout.write("\n")
+            return 2 if plan.problems else 0
+        built, warnings = build(root, root / args.out, args.function, args.python_version)
+    except PackagingError as exc:
+        if args.plan and args.format == "shell":  # deploy.sh lists it with the other problems
+            sys.stdout.write(Plan(problems=[" ".join(str(exc).split())]).as_records())
+        else:
+            print(f"gcp_package: {exc}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"gcp_package: warning: {warning}", file=sys.stderr)
+    for path in built:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""`deploy.sh gcp` and `ops/gcp_package.py`, against the stand-in gcloud in tests/bin.
+
+The stand-in records each call's argv in $GCLOUD_LOG and answers like gcloud (URLs for
+`functions describe`, NOT_FOUND for a scheduler job or service account it has not created yet).
+The real gcloud is never run. Every test works on a copy of the project tree (shared/, pyproject.toml
+and placeholder functions/<entry_point>/main.py files) named by MCP_ROOT, so nothing is written into
+the checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from ops.gcp_package import NEVER_SHIP, dict_flag
+from shared.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY_SH = REPO / "deploy.sh"
+STANDIN_BIN = REPO / "tests" / "bin"
+PROJECT = "demo-proj"
+RUNTIME_SA = f"mcp-functions@{PROJECT}.iam.gserviceaccount.com"
+SCHEDULER_SA = f"mcp-sweep-invoker@{PROJECT}.iam.gserviceaccount.com"
+FUNCTIONS = ("deploy_mcp_server", "manage_mcp_server", "mcp_status", "mcp_status_sweep",
+             "dtma_heartbeat_ingest")
+DEFAULT_SECRETS = {
+    "DATABASE_URL": "mcp-database-url:latest",
+    "SUPABASE_SERVICE_ROLE_KEY": "mcp-supabase-service-role-key:latest",
+    "SUPABASE_JWT_SECRET": "mcp-supabase-jwt-secret:latest",
+    "DTMA_KEY_SECRET": "mcp-dtma-key-secret:latest",
+}
+PLAIN = {
+    "SUPABASE_URL": "https://ref.supabase.co",
+    "CORS_ALLOWED_ORIGINS": "https://app.example.com,https://staging.example.com",  # a comma: ^@^ escape
+    "LOG_LEVEL": "INFO",
+    "HOST_PORT_RANGE": "50000-50999",
+    "HEARTBEAT_GRACE_SECONDS": "45",
+    "DTMA_KEY_MODE": "derived",
+}
+SCRUBBED_ENV = ("GCP_PROJECT", "GOOGLE_CLOUD_PROJECT", "GCP_REGION", "MCP_ROOT", "PYTHON", "GCLOUD_FAIL",
+                "GCLOUD_MISSING_SECRETS", "GCLOUD_STATE")
+
+
+def url(name: str) -> str:
+    return f"https://{name}-abc-uc.a.run.app"
+
+
+def kebab(entry: str) -> str:
+    return entry.replace("_", "-")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    shutil.copytree(REPO / "shared", root / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    for entry in FUNCTIONS:
+        (root / "functions" / entry).mkdir(parents=True)
+        (root / "functions" / entry / "main.py").write_text(f"# placeholder for {entry}\n")
+    return root
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> Path:
+    path.write_text("# plain settings\n\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
+    return path
+
+
+@pytest.fixture
+def env_file(tmp_path: Path) -> Path:
+    return write_env_file(tmp_path / "gcp.env", PLAIN)
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Path:
+    return tmp_path / "gcloud.log"
+
+
+def deploy(tree: Path, log: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    env.update(PATH=f"{STANDIN_BIN}{os.pathsep}{env['PATH']}", GCLOUD_LOG=str(log), MCP_ROOT=str(tree),
+               PYTHON=sys.executable)
+    env.update(env_extra)
+    return subprocess.run(["bash", str(DEPLOY_SH), "gcp", *args], env=env, cwd=tree, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def complete_args(env_file: Path, *more: str) -> list[str]:
+    return ["--project", PROJECT, "--env-file", str(env_file), *more]
+
+
+def planned(stdout: str) -> list[list[str]]:
+    """The `+ ` lines of a dry run as argv lists; `VAR=$(cmd)` lines give `cmd`."""
+    commands = []
+    for line in stdout.splitlines():
+        if not line.startswith("+ "):
+            continue
+        text = line[2:]
+        capture = re.fullmatch(r"[A-Z_]+=\$\((.*)\)", text)
+        commands.append(shlex.split(capture.group(1) if capture else text))
+    return commands
+
+
+def logged(log: Path) -> list[list[str]]:
+    if not log.exists():
+        return []
+    return [["gcloud", *shlex.split(line)] for line in log.read_text().splitlines()]
+
+
+def flag(argv: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
+    assert len(values) == 1, (name, argv)
+    return values[0]
+
+
+def parse_dict_flag(value: str) -> dict[str, str]:
+    """What gcloud makes of KEY=VALUE,... (with the `^DELIM^` escape, `gcloud topic escaping`)."""
+    delim = ","
+    if value.startswith("^"):
+        delim, value = value[1], value[3:]
+    return dict(item.split("=", 1) for item in value.split(delim)) if value else {}
+
+
+def readers(name: str) -> list[str]:
+    return Settings.model_fields[name].json_schema_extra["used_by"]
+
+
+def deploys(commands: list[list[str]]) -> dict[str, list[str]]:
+    return {c[3]: c for c in commands if c[:3] == ["gcloud", "functions", "deploy"]}
+
+
+# --- dry run ---------------------------------------------------------------------------------------
+
+def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert not log.exists(), "a dry run must not call gcloud at all"
+    assert not (tree / "build").exists(), "a dry run must not package either"
+    commands = planned(result.stdout)
+
+    # One function spelled out in full.
+    by_name = deploys(commands)
+    assert list(by_name) == [kebab(e) for e in FUNCTIONS]
+    env = dict(PLAIN, GOOGLE_CLOUD_PROJECT=PROJECT)
+    assert by_name["deploy-mcp-server"] == [
+        "gcloud", "functions", "deploy", "deploy-mcp-server", "--gen2", "--region=us-central1",
+        f"--project={PROJECT}", "--runtime=python312", "--source=build/gcp/deploy_mcp_server",
+        "--entry-point=deploy_mcp_server", "--trigger-http", f"--service-account={RUNTIME_SA}",
+        "--allow-unauthenticated",
+        "--set-env-vars=^@^CORS_ALLOWED_ORIGINS=https://app.example.com,https://staging.example.com"
+        "@DTMA_KEY_MODE=derived@GOOGLE_CLOUD_PROJECT=demo-proj@HOST_PORT_RANGE=50000-50999@LOG_LEVEL=INFO"
+        "@SUPABASE_URL=https://ref.supabase.co",  # not HEARTBEAT_GRACE_SECONDS: deploy does not read it
+        "--set-secrets=" + ",".join(f"{k}={DEFAULT_SECRETS[k]}" for k in sorted(DEFAULT_SECRETS)),
+        "--min-instances=0", "--max-instances=20", "--concurrency=40", "--cpu=1", "--memory=256Mi",
+        "--timeout=60s", "--quiet"]
+
+    # Every function: only the settings and secrets it reads (used_by in shared/config.py).
+    for entry in FUNCTIONS:
+        argv = by_name[kebab(entry)]
+        assert f"--entry-point={entry}" in argv and f"--source=build/gcp/{entry}" in argv
+        assert {"--gen2", "--runtime=python312", "--memory=256Mi", "--trigger-http"} <= set(argv)
+        public = entry != "mcp_status_sweep"
+        assert ("--allow-unauthenticated" in argv) is public
+        assert ("--no-allow-unauthenticated" in argv) is not public
+        expected_env = {k: v for k, v in env.items() if entry in readers(k)}
+        assert parse_dict_flag(flag(argv, "--set-env-vars")) == expected_env
+        expected_secrets = {k: v for k, v in DEFAULT_SECRETS.items() if entry in readers(k)}
+        assert parse_dict_flag(flag(argv, "--set-secrets")) == expected_secrets
+        assert not any(a.startswith("--set-env-vars=") and "K_SERVICE" in a for a in argv)
+    sweep_secrets = parse_dict_flag(flag(by_name["mcp-status-sweep"], "--set-secrets"))
+    assert set(sweep_secrets) == {"DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"}
+    assert "HOST_PORT_RANGE" not in flag(by_name["mcp-status"], "--set-env-vars")
+    assert "CORS_ALLOWED_ORIGINS" not in flag(by_name["dtma-heartbeat-ingest"], "--set-env-vars")
+
+    # IAM: the runtime SA reads each secret; the scheduler SA invokes the sweep and nothing else.
+    bindings = [c for c in commands if c[:3] == ["gcloud", "secrets", "add-iam-policy-binding"]]
+    assert sorted(c[3] for c in bindings) == sorted(v.split(":")[0] for v in DEFAULT_SECRETS.values())
+    for c in bindings:
+        assert f"--member=serviceAccount:{RUNTIME_SA}" in c
+        assert "--role=roles/secretmanager.secretAccessor" in c
+    invokers = [c for c in commands if c[:3] == ["gcloud", "functions", "add-invoker-policy-binding"]]
+    assert invokers == [["gcloud", "functions", "add-invoker-policy-binding", "mcp-status-sweep",
+                         "--region=us-central1", f"--member=serviceAccount:{SCHEDULER_SA}",
+                         f"--project={PROJECT}", "--quiet"]]
+    assert ["gcloud", "functions", "describe", "mcp-status-sweep", "--gen2", "--region=us-central1",
+            f"--project={PROJECT}", "--format=value(serviceConfig.uri)"] in commands
+
+    # The scheduler job: every minute, POST {}, OIDC token for the sweep's URL.
+    [create] = [c for c in commands if c[:4] == ["gcloud", "scheduler", "jobs", "create"]]
+    assert create == [
+        "gcloud", "scheduler", "jobs", "create", "http", "mcp-status-sweep", "--location=us-central1",
+        "--schedule=* * * * *", "--http-method=POST", "--uri=${MCP_STATUS_SWEEP_URL}",
+        f"--oidc-service-account-email={SCHEDULER_SA}", "--oidc-token-audience=${MCP_STATUS_SWEEP_URL}",
+        "--message-body={}", "--attempt-deadline=60s", f"--project={PROJECT}", "--quiet",
+        "--headers=Content-Type=application/json"]
+    assert "+ MCP_STATUS_SWEEP_URL=$(gcloud functions describe mcp-status-sweep" in result.stdout
+    assert "# AGENTOPIA_API_BASE_URL=${DTMA_HEARTBEAT_INGEST_URL}" in result.stdout
+
+
+def test_dry_run_prints_exactly_what_a_first_run_runs(tree: Path, env_file: Path, log: Path,
+                                                      tmp_path: Path) -> None:
+    dry = deploy(tree, tmp_path / "unused.log", *complete_args(env_file), "--dry-run")
+    real = deploy(tree, log, *complete_args(env_file))
+    assert dry.returncode == 0 and real.returncode == 0, (dry.stderr, real.stderr)
+    placeholders = {f"${{{kebab(e).upper().replace('-', '_')}_URL}}": url(kebab(e)) for e in FUNCTIONS}
+
+    def filled(argv: list[str]) -> list[str]:
+        for placeholder, value in placeholders.items():
+            argv = [a.replace(placeholder, value) for a in argv]
+        return argv
+
+    assert [filled(c) for c in planned(dry.stdout) if c[0] == "gcloud"] == logged(log)
+
+
+def test_only_one_function(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file, "--only", "deploy-mcp-server", "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    commands = planned(result.stdout)
+    assert list(deploys(commands)) == ["deploy-mcp-server"]
+    assert [a for c in commands if "--out" in c for a in c[-2:]] == ["--function", "deploy_mcp_server"]
+    assert not [c for c in commands if c[1] == "scheduler" or c[2:3] == ["add-invoker-policy-binding"]]
+    assert "dtma.conf" not in result.stdout
+
+    result = deploy(tree, log, *complete_args(env_file, "--only", "mcp_status_sweep", "--dry-run"))
+    commands = planned(result.stdout)
+    assert list(deploys(commands)) == ["mcp-status-sweep"]
+    bound = [c[3] for c in commands if c[:3] == ["gcloud", "secrets", "add-iam-policy-binding"]]
+    assert bound == ["mcp-database-url", "mcp-supabase-service-role-key"]
+    assert any(c[:5] == ["gcloud", "scheduler", "jobs", "create", "http"] for c in commands)
+    assert not log.exists()
+
+
+def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(
+        env_file, "--region=europe-west1", "--memory", "512Mi", "--min-instances=1", "--max-instances=3",
+        "--concurrency=80", "--timeout=30", "--schedule=*/2 * * * *",
+        "--runtime-sa", "rt@other-proj.iam.gserviceaccount.com",
+        "--secret", "DTMA_KEY_SECRET=dtma-master:7", "--secret", "SUPABASE_SERVICE_ROLE_KEY=", "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    commands = planned(result.stdout)
+    argv = deploys(commands)["manage-mcp-server"]
+    for expected in ("--region=europe-west1", "--memory=512Mi", "--min-instances=1", "--max-instances=3",
+                     "--concurrency=80", "--timeout=30s",
+                     "--service-account=rt@other-proj.iam.gserviceaccount.com"):
+        assert expected in argv
+    assert parse_dict_flag(flag(argv, "--set-secrets")) == {
+        "DATABASE_URL": "mcp-database-url:latest", "SUPABASE_JWT_SECRET": "mcp-supabase-jwt-secret:latest",
+        "DTMA_KEY_SECRET": "dtma-master:7"}
+    [create] = [c for c in commands if c[:4] == ["gcloud", "scheduler", "jobs", "create"]]
+    assert "--schedule=*/2 * * * *" in create and "--location=europe-west1" in create
+    # A runtime account outside the project is never created, only expected to exist.
+    created = [c[4] for c in commands if c[:4] == ["gcloud", "iam", "service-accounts", "create"]]
+    assert created == ["mcp-sweep-invoker"]
+
+
+# --- refusing incomplete configuration ----------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    pytest.param([], PLAIN, ["project: not set"], id="no-project"),
+    pytest.param(["--project", PROJECT, "--secret", "DTMA_KEY_SECRET="], PLAIN,
+                 ["DTMA_KEY_SECRET"], id="dtma-key-secret-unmapped"),
+    pytest.param(["--project", PROJECT, "--secret", "SUPABASE_JWT_SECRET="],
+                 {k: v for k, v in PLAIN.items() if k != "SUPABASE_URL"},
+                 ["SUPABASE_JWT_SECRET", "SUPABASE_URL"], id="no-way-to-verify-jwts"),
+    pytest.param(["--project", PROJECT, "--no-default-secrets"], PLAIN,
+                 ["no database", "DTMA_KEY_SECRET"], id="no-secrets-at-all"),
+    pytest.param(["--project", PROJECT], dict(PLAIN, DATABASE_URL="postgresql://u:p@h/db"),
+                 ["DATABASE_URL, a secret"], id="secret-in-env-file"),
+    pytest.param(["--project", PROJECT], dict(PLAIN, K_SERVICE="x"), ["K_SERVICE"], id="reserved-env"),
+    pytest.param(["--project", PROJECT], dict(PLAIN, HOST_PORT_RANGE="lots"), ["HOST_PORT_RANGE"],
+                 id="invalid-value"),
+    pytest.param(["--project", PROJECT, "--secret", "LOG_LEVEL=x"], PLAIN, ["LOG_LEVEL is not a secret"],
+                 id="plain-setting-as-secret"),
+    pytest.param(["--project", PROJECT, "--only", "nope"], PLAIN, ["unknown function 'nope'"],
+                 id="unknown-fn"),
+    pytest.param(["--secret", "DTMA_KEY_SECRET=", "--memory", "lots"], PLAIN,
+                 ["project: not set", "DTMA_KEY_SECRET", "--memory"], id="all-problems-at-once"),
+])
+def test_incomplete_configuration_is_refused_before_anything_runs(
+        tree: Path, log: Path, tmp_path: Path, args: list[str], env: dict[str, str],
+        expected: list[str]) -> None:
+    env_file = write_env_file(tmp_path / "gcp.env", env)
+    result = deploy(tree, log, *args, "--env-file", str(env_file))  # a real run, not a dry run
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "refusing to deploy" in result.stderr
+    for text in expected:
+        assert text in result.stderr
+    assert not log.exists()
+    assert "+ " not in result.stdout + result.stderr
+    assert not (tree / "build").exists()
+
+
+def test_missing_secret_in_secret_manager_stops_before_deploying(tree: Path, env_file: Path,
+                                                                 log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file), GCLOUD_MISSING_SECRETS="mcp-dtma-key-secret")
+    assert result.returncode == 2
+    assert "mcp-dtma-key-secret" in result.stderr
+    assert [c[1:3] for c in logged(log)] == [["services", "enable"]] + [["secrets", "describe"]] * 4
+
+
+def test_failed_deploy_stops_the_run(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file), GCLOUD_FAIL="functions deploy mcp-status ")
+    assert result.returncode != 0
+    names = [c[3] for c in logged(log) if c[1:3] == ["functions", "deploy"]]
+    assert names == ["deploy-mcp-server", "manage-mcp-server", "mcp-status"]
+    assert not [c for c in logged(log) if c[1] == "scheduler"]
+    assert "AGENTOPIA_API_BASE_URL" not in result.stdout
+
+
+def test_a_python_without_the_dependencies_is_refused(tree: Path, env_file: Path, log: Path,
+                                                      tmp_path: Path) -> None:
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=60)
+    result = deploy(tree, log, *complete_args(env_file), PYTHON=str(bare / "bin" / "python"))
+    assert result.returncode == 2
+    assert "could not compute the deploy plan" in result.stderr and "PYTHON=" in result.stderr
+    assert not log.exists()
+
+    (tree / "shared" / "config.py").write_text("import not_a_module_anywhere\n")
+    result = deploy(tree, log, *complete_args(env_file))
+    assert result.returncode == 2
+    assert "refusing to deploy" in result.stderr and "'not_a_module_anywhere'" in result.stderr
+    assert not log.exists()
+
+
+# --- a real run against the stand-in ------------------------------------------------------------
+
+def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, log: Path) -> None:
+    secrets = sorted(v.split(":")[0] for v in DEFAULT_SECRETS.values())
+    g = [f"--project={PROJECT}", "--quiet"]
+    job_flags = ["--location=us-central1", "--schedule=* * * * *", "--http-method=POST",
+                 f"--uri={url('mcp-status-sweep')}", f"--oidc-service-account-email={SCHEDULER_SA}",
+                 f"--oidc-token-audience={url('mcp-status-sweep')}", "--message-body={}",
+                 "--attempt-deadline=60s", *g]
+
+    def expected_sequence(first: bool) -> list[list[str]]:
+        def account(email: str, title: str) -> list[list[str]]:
+            describe = [["gcloud", "iam", "service-accounts", "describe", email, *g]]
+            create = [["gcloud", "iam", "service-accounts", "create", email.split("@")[0],
+                       f"--display-name={title}", *g]]
+            return describe + create if first else describe
+        job = (["gcloud", "scheduler", "jobs", "create", "http", "mcp-status-sweep", *job_flags,
+                "--headers=Content-Type=application/json"] if first else
+               ["gcloud", "scheduler", "jobs", "update", "http", "mcp-status-sweep", *job_flags,
+                "--update-headers=Content-Type=application/json"])
+        return [
+            ["gcloud", "services", "enable", "cloudfunctions.googleapis.com", "run.googleapis.com",
+             "cloudbuild.googleapis.com", "artifactregistry.googleapis.com", "cloudscheduler.googleapis.com",
+             "secretmanager.googleapis.com", "iam.googleapis.com", *g],
+            *[["gcloud", "secrets", "describe", s, "--format=value(name)", *g] for s in secrets],
+            *account(RUNTIME_SA, "MCP control plane functions (runtime)"),
+            *[["gcloud", "secrets", "add-iam-policy-binding", s, f"--member=serviceAccount:{RUNTIME_SA}",
+               "--role=roles/secretmanager.secretAccessor", "--condition=None", *g] for s in secrets],
+            *[list(c) for c in deployed],
+            *[["gcloud", "functions", "describe", kebab(e), "--gen2", "--region=us-central1",
+               f"--project={PROJECT}", "--format=value(serviceConfig.uri)"] for e in FUNCTIONS],
+            *account(SCHEDULER_SA, "MCP status sweep invoker (Cloud Scheduler OIDC)"),
+            ["gcloud", "functions", "add-invoker-policy-binding", "mcp-status-sweep", "--region=us-central1",
+             f"--member=serviceAccount:{SCHEDULER_SA}", *g],
+            ["gcloud", "scheduler", "jobs", "describe", "mcp-status-sweep", "--location=us-central1", *g],
+            job,
+        ]
+
+    first = deploy(tree, log, *complete_args(env_file))
+    assert first.returncode == 0, first.stderr
+    calls = logged(log)
+    deployed = [c for c in calls if c[1:3] == ["functions", "deploy"]]
+    assert [c[3] for c in deployed] == [kebab(e) for e in FUNCTIONS]
+    assert calls == expected_sequence(first=True)
+    for entry in FUNCTIONS:
+        assert (tree / "build" / "gcp" / entry / "requirements.txt").is_file()
+    assert first.stdout.splitlines()[-1] == f"AGENTOPIA_API_BASE_URL={url('dtma-heartbeat-ingest')}"
+    for entry in FUNCTIONS:
+        assert url(kebab(entry)) in first.stdout
+    assert "+ gcloud functions deploy deploy-mcp-server" in first.stderr  # traced as it runs
+
+    log.write_text("")
+    second = deploy(tree, log, *complete_args(env_file))  # the stand-in now knows the job and accounts
+    assert second.returncode == 0, second.stderr
+    assert logged(log) == expected_sequence(first=False)
+
+
+# --- packaging ----------------------------------------------------------------------------------
+
+def package(tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ops.gcp_package", "--root", str(tree), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
+    return {str(p.relative_to(directory)): (stat.S_IMODE(p.stat().st_mode), int(p.stat().st_mtime),
+                                            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "")
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_package_contains_main_shared_and_pinned_requirements(tree: Path) -> None:
+    result = package(tree, "--out", "build/gcp", "--function", "mcp_status")
+    assert result.returncode == 0, result.stderr
+    out = tree / "build" / "gcp" / "mcp_status"
+    assert [p.name for p in (tree / "build" / "gcp").iterdir()] == ["mcp_status"]
+    assert (out / "main.py").read_text() == "# placeholder for mcp_status\n"
+    assert (out / "shared" / "__init__.py").is_file() and (out / "shared" / "config.py").is_file()
+    assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
+    shipped = {str(p.relative_to(out / "shared")) for p in (out / "shared").rglob("*.py")}
+    source = {str(p.relative_to(tree / "shared")) for p in (tree / "shared").rglob("*.py")}
+    assert shipped == source
+
+    lines = [line for line in (out / "requirements.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    pins = {}
+    for line in lines:
+        name, _, version = line.partition("==")
+        assert version, f"unpinned: {line}"
+        pins[re.sub(r"\[.*\]", "", name)] = version
+    for dist in ("functions-framework", "psycopg", "psycopg-binary", "psycopg-pool", "pydantic",
+                 "pydantic-settings", "httpx", "supabase", "google-cloud-logging", "pyjwt",
+                 "flask", "pydantic-core", "cryptography"):  # direct, and runtime deps of direct ones
+        assert pins[dist] == metadata.version(dist), dist
+    assert "psycopg[binary]==" + pins["psycopg"] in lines
+    assert not set(pins) & (NEVER_SHIP | {"pip", "setuptools"})
+    assert lines == sorted(lines, key=lambda line: re.split(r"[\[=]", line)[0])
+
+
+def test_package_is_deterministic(tree: Path, tmp_path: Path) -> None:
+    assert package(tree, "--out", str(tmp_path / "a")).returncode == 0
+    (tree / "shared" / "__pycache__").mkdir(exist_ok=True)  # caches from a local run are left out
+    (tree / "shared" / "__pycache__" / "config.cpython-311.pyc").write_bytes(b"junk")
+    assert package(tree, "--out", str(tmp_path / "b")).returncode == 0
+    assert package(tree, "--out", str(tmp_path / "b")).returncode == 0  # rebuilding in place
+    first, second = snapshot(tmp_path / "a"), snapshot(tmp_path / "b")
+    assert first == second
+    assert {p.split("/")[0] for p in first} == set(FUNCTIONS)
+
+
+def test_package_refuses_a_missing_function_source(tree: Path) -> None:
+    shutil.rmtree(tree / "functions" / "mcp_status_sweep")
+    result = package(tree, "--out", "build/gcp")
+    assert result.returncode == 2
+    assert "functions/mcp_status_sweep/main.py" in result.stderr
+    assert not (tree / "build" / "gcp").exists()
+
+
+def test_env_vars_flag_escapes_commas() -> None:
+    assert dict_flag({"B": "2", "A": "1"}) == "A=1,B=2"
+    assert dict_flag({"A": "x,y", "B": "2"}) == "^@^A=x,y@B=2"
+    assert parse_dict_flag(dict_flag({"A": "x,y@z", "B": "a|b"})) == {"A": "x,y@z", "B": "a|b"}
+
+
+# --- the script itself --------------------------------------------------------------------------
+
+def test_usage_and_unknown_commands() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(DEPLOY_SH), *args], capture_output=True, text=True, timeout=10)
+
+    assert run().returncode == 2
+    help_ = run("--help")
+    assert help_.returncode == 0 and "gcp [options]" in help_.stdout and "local" in help_.stdout
+    assert run("nope").returncode == 2
+    assert run("gcp", "--bogus").returncode == 2
+
+
+@pytest.mark.parametrize("script", [DEPLOY_SH, STANDIN_BIN / "gcloud"], ids=["deploy.sh", "stand-in gcloud"])
+def test_shellcheck_clean(script: Path) -> None:
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout

@@ -77,7 +77,8 @@ def _field_error(exc: ValidationError, prefix: str = "") -> ApiError:
                     {"field": where, "problems": len(exc.errors())})
 
 
-def _container_observation(item: ContainerSummary) -> dict[str, Any]:
+def container_observation(item: ContainerSummary) -> dict[str, Any]:
+    """One container summary as a reconciliation observation (also used for DTMA status reads)."""
     names = [n.lstrip("/") for n in item.names]
     target, message = lifecycle.observed_from_docker(item.state, item.status, names[0])
     runtime = {"state": item.state, "status": item.status, "image": item.image,
@@ -108,7 +109,7 @@ def build_report(body: Any) -> dict[str, Any]:
             if "account_tool_instance_id" in raw:
                 instances.append(_instance_observation(InstanceReport.model_validate(raw)))
             elif "names" in raw or "state" in raw:
-                containers.append(_container_observation(ContainerSummary.model_validate(raw)))
+                containers.append(container_observation(ContainerSummary.model_validate(raw)))
             elif "error" in raw:
                 docker_error = str(raw["error"])[:500]
             else:

@@ -99,21 +99,23 @@ def allowed(frm: str, to: str, source: str) -> bool:
 
 @dataclass(frozen=True)
 class Action:
-    """A user action: the statuses it may start from and the transitional status it records."""
+    """A user action: for each status it may start from, the transitional status it records."""
 
     name: str
-    from_statuses: frozenset[Status]
-    records: Status
+    plan: dict[Status, Status]
 
 
+_REMOVE = {S.RUNNING: S.DELETING, S.STOPPED: S.DELETING, S.ERROR: S.DELETING}
 ACTIONS: dict[str, Action] = {
-    "start": Action("start", frozenset({S.STOPPED, S.ERROR}), S.STARTING),
-    "stop": Action("stop", frozenset({S.RUNNING}), S.STOPPING),
+    "start": Action("start", {S.STOPPED: S.STARTING, S.ERROR: S.STARTING}),
+    "stop": Action("stop", {S.RUNNING: S.STOPPING}),
     # restart = stop, then start: from running it passes through stopping; a stopped or failed
     # server is simply started.
-    "restart": Action("restart", frozenset({S.RUNNING, S.STOPPED, S.ERROR}), S.STARTING),
-    "remove": Action("remove", frozenset({S.RUNNING, S.STOPPED, S.ERROR}), S.DELETING),
+    "restart": Action("restart", {S.RUNNING: S.STOPPING, S.STOPPED: S.STARTING, S.ERROR: S.STARTING}),
+    "remove": Action("remove", _REMOVE),
+    "delete": Action("remove", _REMOVE),
 }
+
 
 # Stored values that are not ours (legacy rows of Agentopia's other tools) map to the nearest
 # meaning instead of surfacing raw enum names in the UI.

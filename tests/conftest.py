@@ -99,3 +99,24 @@ def function_client(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Calla
 
     yield make
     runtime.reset()
+
+
+@pytest.fixture
+def toolbox_agent(factory: Factory) -> Iterator[Callable[..., tuple[object, object]]]:
+    """(toolbox row, DTMA stand-in holding that toolbox's own derived key), as on a droplet."""
+    from devstack.dtma_standin import StandInAgent
+
+    agents: list[StandInAgent] = []
+
+    def make(user_id: str | None = None, **agent_kwargs: object) -> tuple[object, StandInAgent]:
+        box = factory.toolbox(user_id)
+        agent = StandInAgent(box.token, **agent_kwargs).start()
+        agents.append(agent)
+        factory.conn.execute("update account_tool_environments set dtma_port = %s where id = %s",
+                             (agent.port, box.id))
+        box.port = agent.port
+        return box, agent
+
+    yield make
+    for agent in agents:
+        agent.stop()

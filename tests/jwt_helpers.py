@@ -324,10 +324,7 @@ class JwksServer:
                 if self.path.split("?", 1)[0] != _JWKS_PATH:
                     self.send_error(404)
                     return
-                if server.body is not None:
-                    payload = server.body
-                else:
-                    payload = json.dumps({"keys": list(server.keys)}).encode()
+                payload = server.body if server.body is not None else json.dumps({"keys": list(server.keys)}).encode()
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -93,7 +93,7 @@ def test_refuses_when_an_applied_migration_was_edited(scratch_db: str, tmp_path:
     migrate(scratch_db, sql_dir)
     edited = sql_dir / "migrations" / "0002_tables.sql"
     edited.write_text(edited.read_text() + "\n-- an innocent-looking edit\n")
-    with pytest.raises(MigrationError, match="0002_tables.sql changed after it was applied"):
+    with pytest.raises(MigrationError, match=r"0002_tables\.sql changed after it was applied"):
         migrate(scratch_db, sql_dir)
 
 
@@ -101,7 +101,7 @@ def test_refuses_when_an_applied_migration_file_is_gone(scratch_db: str, tmp_pat
     sql_dir = _copy_sql(tmp_path)
     migrate(scratch_db, sql_dir)
     (sql_dir / "migrations" / "0004_security.sql").unlink()
-    with pytest.raises(MigrationError, match="0004_security.sql is recorded as applied but its file is gone"):
+    with pytest.raises(MigrationError, match=r"0004_security\.sql is recorded as applied but its file is gone"):
         migrate(scratch_db, sql_dir)
 
 
@@ -139,7 +139,7 @@ def test_concurrent_runners_apply_each_migration_once(scratch_db: str) -> None:
 def test_bad_file_names_are_refused(tmp_path: Path) -> None:
     sql_dir = _copy_sql(tmp_path)
     (sql_dir / "migrations" / "5_Oops.sql").write_text("select 1;")
-    with pytest.raises(MigrationError, match="NNNN_lowercase_words.sql"):
+    with pytest.raises(MigrationError, match=r"NNNN_lowercase_words\.sql"):
         load_migrations(sql_dir)
 
 

@@ -1,0 +1,18 @@
+"""manage_mcp_server: start, stop, restart or remove one of the caller's MCP servers.
+`POST /<id>/start|stop|restart`, `DELETE /<id>`, or `POST {instance_id, action}`.
+The logic is in shared/manage.py."""
+
+import flask
+import functions_framework
+
+from shared import manage, runtime
+from shared.http import serve
+
+FUNCTION = "manage_mcp_server"
+RUNTIME = runtime.load(FUNCTION)
+
+
+@functions_framework.http
+def manage_mcp_server(request: flask.Request) -> flask.Response:
+    return serve(request, FUNCTION, RUNTIME.settings, lambda call: manage.handle(call, RUNTIME),
+                 methods={"POST", "DELETE"})

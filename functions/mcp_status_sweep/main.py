@@ -1,0 +1,19 @@
+"""mcp_status_sweep: Cloud Scheduler POSTs here (IAM-private, no user JWT) to mark silent toolboxes
+unresponsive and fail transitions past their deadline. The logic is in shared/sweep.py and the
+SQL function cp_sweep."""
+
+import flask
+import functions_framework
+
+from shared import runtime, sweep
+from shared.http import serve
+
+FUNCTION = "mcp_status_sweep"
+RUNTIME = runtime.load(FUNCTION)
+
+
+@functions_framework.http
+def mcp_status_sweep(request: flask.Request) -> flask.Response:
+    # No CORS: no browser ever calls the sweep.
+    return serve(request, FUNCTION, RUNTIME.settings, lambda call: sweep.handle(call, RUNTIME.db),
+                 methods={"POST"}, cors=False)

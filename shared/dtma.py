@@ -1,0 +1,200 @@
+"""The backend's client for a toolbox's DTMA agent (HTTP on port 30000).
+
+One httpx client per process (connection pooling across invocations), separate connect and
+read budgets per call, and typed failures so every caller maps them once:
+
+* `DtmaUnreachable`: the request never reached the agent (refused, DNS, connect timeout).
+  Retried once, because nothing was sent.
+* `DtmaTimeout`: the request was sent and no answer came within the budget. The outcome is
+  unknown (DTMA's deploy is synchronous and may still be pulling), so it is never retried.
+* `DtmaRejected`: the agent answered non-2xx; carries the status and the agent's message.
+* `DtmaBadResponse`: a 2xx whose body is not the JSON the contract promises.
+
+Where the key goes is decided here and nowhere else: the address comes from the toolbox row
+(which owners cannot edit), loopback/private/link-local addresses are refused unless local
+development allows them, proxies from the environment are ignored (`trust_env=False`), and
+redirects are not followed, so the backend key is only ever sent to the toolbox's own DTMA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from shared.config import Settings
+from shared.toolbox_keys import derive_key
+
+log = logging.getLogger("mcp.dtma")
+
+
+class DtmaError(Exception):
+    """Base of every DTMA failure; `message` is a sentence a user can act on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DtmaUnreachable(DtmaError):
+    pass
+
+
+class DtmaTimeout(DtmaError):
+    pass
+
+
+class DtmaRejected(DtmaError):
+    def __init__(self, status: int, agent_message: str, where: str) -> None:
+        super().__init__(f"the toolbox agent at {where} answered {status}: {agent_message}")
+        self.status = status
+        self.agent_message = agent_message
+
+
+class DtmaBadResponse(DtmaError):
+    pass
+
+
+class AddressRefused(DtmaError):
+    """The toolbox's address is one the backend must not send its key to."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one toolbox's DTMA listens and the key that opens it."""
+
+    toolbox_id: str
+    host: str
+    port: int
+    key: str
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.where}"
+
+    def __repr__(self) -> str:  # never print the key
+        return f"Target(toolbox_id={self.toolbox_id!r}, where={self.where!r})"
+
+
+def agent_message(response: httpx.Response) -> str:
+    """The agent's own explanation: `error`, else `message`, else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300].strip() or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("error", "message"):
+            if isinstance(body.get(key), str) and body[key]:
+                return body[key][:500]
+    return response.text[:300]
+
+
+class DtmaClient:
+    def __init__(self, *, default_port: int = 30000, connect_timeout: float = 2.0, key_mode: str = "derived",
+                 master_secret: str | None = None, legacy_key: str | None = None,
+                 allow_private: bool = False, transport: httpx.BaseTransport | None = None) -> None:
+        self.default_port = default_port
+        self.connect_timeout = connect_timeout
+        self.key_mode = key_mode
+        self._master_secret = master_secret
+        self._legacy_key = legacy_key
+        self.allow_private = allow_private
+        self._http = httpx.Client(trust_env=False, follow_redirects=False, transport=transport,
+                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+                                  headers={"User-Agent": "mcp-control-plane"})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DtmaClient:
+        secret = settings.DTMA_KEY_SECRET.get_secret_value() if settings.DTMA_KEY_SECRET else None
+        legacy = settings.BACKEND_TO_DTMA_API_KEY.get_secret_value() if settings.BACKEND_TO_DTMA_API_KEY else None
+        return cls(default_port=settings.DTMA_PORT, connect_timeout=settings.DTMA_CONNECT_TIMEOUT_SECONDS,
+                   key_mode=settings.DTMA_KEY_MODE, master_secret=secret, legacy_key=legacy,
+                   allow_private=settings.ALLOW_PRIVATE_TOOLBOX_IPS)
+
+    def key_for(self, toolbox_id: str, key_version: int) -> str:
+        if self.key_mode == "legacy":
+            if not self._legacy_key:
+                raise RuntimeError("DTMA_KEY_MODE=legacy needs BACKEND_TO_DTMA_API_KEY")
+            return self._legacy_key
+        if not self._master_secret:
+            raise RuntimeError("DTMA_KEY_MODE=derived needs DTMA_KEY_SECRET")
+        return derive_key(self._master_secret, toolbox_id, key_version)
+
+    def target(self, toolbox: dict[str, Any]) -> Target:
+        """The DTMA of a toolbox row (`id`, `public_ip_address`, `dtma_port`, `dtma_key_version`)."""
+        raw = str(toolbox.get("public_ip_address") or "")
+        try:
+            address = ipaddress.ip_address(raw.split("/")[0])
+        except ValueError:
+            raise AddressRefused("the toolbox has no usable public IP address yet") from None
+        internal = (address.is_loopback or address.is_private or address.is_link_local or address.is_multicast
+                    or address.is_unspecified or address.is_reserved)
+        if internal and not self.allow_private:
+            raise AddressRefused(f"the toolbox address {address} is not a public address; refusing to send it "
+                                 "the backend key (set ALLOW_PRIVATE_TOOLBOX_IPS=true for local development)")
+        port = int(toolbox.get("dtma_port") or self.default_port)
+        key = self.key_for(str(toolbox["id"]), int(toolbox.get("dtma_key_version") or 1))
+        return Target(str(toolbox["id"]), str(address), port, key)
+
+    def _request(self, target: Target, method: str, path: str, budget: float,
+                 body: dict[str, Any] | None = None) -> Any:
+        timeout = httpx.Timeout(budget, connect=min(self.connect_timeout, budget))
+        headers = {"Authorization": f"Bearer {target.key}"}
+        for attempt in (1, 2):
+            try:
+                response = self._http.request(method, target.base_url + path, json=body, headers=headers,
+                                              timeout=timeout)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if attempt == 2:
+                    raise DtmaUnreachable(f"toolbox at {target.where} is unreachable") from None
+            except httpx.TimeoutException:
+                raise DtmaTimeout(f"the toolbox agent at {target.where} did not answer within {budget:g} s") from None
+            except httpx.TransportError as exc:
+                # Sent, then the connection broke (reset mid-response): outcome unknown.
+                raise DtmaTimeout(f"the connection to the toolbox agent at {target.where} broke before it "
+                                  f"answered ({type(exc).__name__})") from None
+        if response.status_code >= 300:
+            raise DtmaRejected(response.status_code, agent_message(response), target.where)
+        try:
+            return response.json()
+        except ValueError:
+            raise DtmaBadResponse(f"the toolbox agent at {target.where} answered {response.status_code} "
+                                  "with a body that is not JSON") from None
+
+    def deploy(self, target: Target, body: dict[str, Any], budget: float) -> dict[str, Any]:
+        """`POST /tools`: pull, create and start (synchronous on the agent)."""
+        answer = self._request(target, "POST", "/tools", budget, body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("data"), dict):
+            raise DtmaBadResponse(f"the toolbox agent at {target.where} answered the deploy without the "
+                                  "container's details")
+        return answer
+
+    def start(self, target: Target, name: str, budget: float) -> Any:
+        return self._request(target, "POST", f"/tools/{quote(name, safe='')}/start", budget)
+
+    def stop(self, target: Target, name: str, budget: float) -> Any:
+        return self._request(target, "POST", f"/tools/{quote(name, safe='')}/stop", budget)
+
+    def remove(self, target: Target, name: str, budget: float) -> Any:
+        return self._request(target, "DELETE", f"/tools/{quote(name, safe='')}", budget)
+
+    def tool_status(self, target: Target, budget: float) -> dict[str, Any]:
+        """`GET /tools/status`: every container the agent sees, with its managed ids."""
+        answer = self._request(target, "GET", "/tools/status", budget)
+        if not isinstance(answer, dict) or not isinstance(answer.get("tool_instances"), list):
+            raise DtmaBadResponse(f"the toolbox agent at {target.where} answered /tools/status without a "
+                                  "tool_instances list")
+        return answer
+
+    def close(self) -> None:
+        self._http.close()

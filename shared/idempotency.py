@@ -1,0 +1,80 @@
+"""`Idempotency-Key` for the write functions: the same key from the same user within the TTL
+gets the first answer again, with no second instance and no second DTMA call, even when the
+two requests race (the database's primary key decides who runs; the others wait for its
+answer, then replay it).
+
+The request fingerprint is an HMAC, not a plain hash: bodies carry env values, which are
+secrets, and a plain SHA-256 of a short secret can be brute-forced from the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shared.config import Settings
+from shared.db import Database
+from shared.errors import ApiError
+from shared.http import Call, Reply
+
+HEADER = "Idempotency-Key"
+REPLAY_HEADER = "Idempotent-Replayed"
+_POLL_SECONDS = 0.05
+
+
+def _key(call: Call) -> str | None:
+    key = call.header(HEADER)
+    if key is None:
+        return None
+    if not (1 <= len(key) <= 255) or not key.isascii() or not key.isprintable():
+        raise ApiError(400, "invalid_idempotency_key", f"{HEADER} must be 1-255 printable ASCII characters")
+    return key
+
+
+def fingerprint(settings: Settings, call: Call, body: Any) -> str:
+    secret = (settings.DTMA_KEY_SECRET or settings.BACKEND_TO_DTMA_API_KEY or settings.SUPABASE_JWT_SECRET)
+    key = hashlib.sha256(b"idempotency:" + (secret.get_secret_value().encode() if secret else b"")).digest()
+    canonical = json.dumps([call.method, call.path, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def run(db: Database, settings: Settings, call: Call, *, user_id: str, scope: str, body: Any,
+        work: Callable[[], Reply]) -> Reply:
+    """Run `work` at most once per (user, scope, Idempotency-Key); see the module docstring."""
+    key = _key(call)
+    if key is None:
+        return work()
+    digest = fingerprint(settings, call, body)
+    deadline = time.monotonic() + settings.DTMA_DEPLOY_BUDGET_SECONDS * 2 + 1
+    while True:
+        claim = db.call("cp_idempotency_claim", p_user_id=user_id, p_scope=scope, p_key=key,
+                        p_request_digest=digest, p_ttl_seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+        if claim.get("claimed"):
+            break
+        if claim.get("replay"):
+            return Reply(claim["status"], claim["response"], {REPLAY_HEADER: "true"})
+        if time.monotonic() > deadline:
+            raise ApiError(409, "idempotency_in_progress",
+                           f"a request with this {HEADER} is still being processed; retry shortly",
+                           headers={"Retry-After": "1"})
+        time.sleep(_POLL_SECONDS)
+    call.log_fields["idempotency_key_claimed"] = True
+    try:
+        reply = work()
+    except ApiError as err:
+        # A refusal is the answer (replayed); an outage is not: forget the key so a retry runs.
+        keep = err.status < 500
+        db.call("cp_idempotency_complete", p_user_id=user_id, p_scope=scope, p_key=key,
+                p_status=err.status if keep else None, p_response=err.body() if keep else None)
+        raise
+    except Exception:
+        db.call("cp_idempotency_complete", p_user_id=user_id, p_scope=scope, p_key=key, p_status=None,
+                p_response=None)
+        raise
+    db.call("cp_idempotency_complete", p_user_id=user_id, p_scope=scope, p_key=key, p_status=reply.status,
+            p_response=reply.body)
+    return reply

@@ -1,0 +1,122 @@
+"""Request bodies of the web-app-facing functions, validated before anything is recorded.
+
+Everything here ends up on a droplet as a container name, an image reference, environment
+variables or a port binding, so each field is held to what Docker itself accepts and nothing
+else: no shell metacharacters, path traversal or control characters reach the DTMA. Unknown
+fields are refused (422, naming them) so a typo is never silently ignored; the camelCase names
+the web app sends today (reference §2.5) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import ApiError
+
+CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+ENDPOINT_PATH = re.compile(r"^/[A-Za-z0-9/._~-]{0,200}$")
+# Docker's reference grammar (distribution/reference): [host[:port]/]path[:tag][@digest].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# A first component is a registry host only if it has a dot or a port, or is localhost;
+# otherwise it is part of the (lower-case) repository path, as Docker parses it.
+_HOST = r"(?:(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)(?::[0-9]{1,5})?/|[A-Za-z0-9-]+:[0-9]{1,5}/)"
+IMAGE_REFERENCE = re.compile(
+    rf"^{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?$")
+
+MAX_ENV_VARS = 100
+MAX_ENV_VALUE = 32 * 1024
+
+
+def _aliases(*names: str) -> Any:
+    return AliasChoices(*names)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False)
+
+
+class DeployRequest(_Strict):
+    toolbox_id: UUID = Field(validation_alias=_aliases("toolbox_id", "toolboxId", "accountToolEnvironmentId"))
+    name: str = Field(validation_alias=_aliases("name", "instanceNameOnToolbox", "instance_name_on_toolbox"))
+    image: str | None = Field(default=None, validation_alias=_aliases("image", "dockerImage", "dockerImageUrl"))
+    transport: Literal["stdio", "sse", "streamable_http"] = Field(
+        default="streamable_http", validation_alias=_aliases("transport", "mcpTransport", "mcpTransportType"))
+    container_port: int = Field(default=8080, ge=1, le=65535,
+                                validation_alias=_aliases("container_port", "containerPort", "mcpPort"))
+    host_port: int | None = Field(default=None, ge=1, le=65535, validation_alias=_aliases("host_port", "hostPort"))
+    endpoint_path: str = Field(default="/mcp", validation_alias=_aliases(
+        "endpoint_path", "endpointPath", "mcpEndpoint", "mcpEndpointPath"))
+    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_VALUE)]] = Field(
+        default_factory=dict, max_length=MAX_ENV_VARS, validation_alias=_aliases("env", "environmentVariables"))
+    capabilities: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
+        default_factory=list, max_length=32, validation_alias=_aliases("capabilities", "mcpCapabilities"))
+    catalog_id: UUID | None = Field(default=None, validation_alias=_aliases("catalog_id", "toolCatalogId"))
+
+    @field_validator("name")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if not CONTAINER_NAME.match(value):
+            raise ValueError("must be 1-63 characters: letters, digits, '_', '.', '-', starting with a letter or "
+                             "digit (Docker container name rules)")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 255 or not IMAGE_REFERENCE.match(value)):
+            raise ValueError("is not a valid Docker image reference (e.g. mcp/github:latest or "
+                             "ghcr.io/org/server@sha256:...)")
+        return value
+
+    @field_validator("endpoint_path")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not ENDPOINT_PATH.match(value) or "/../" in value + "/" or "//" in value:
+            raise ValueError("must be an absolute URL path such as /mcp")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not ENV_NAME.match(name):
+                raise ValueError(f"variable name {name[:40]!r} must be letters, digits and '_', not starting "
+                                 "with a digit")
+            if "\x00" in item:
+                raise ValueError(f"value of {name} contains a NUL character")
+        return value
+
+
+class ActionRequest(_Strict):
+    """The body form of manage_mcp_server, for clients that cannot set the path."""
+
+    instance_id: UUID = Field(validation_alias=_aliases("instance_id", "instanceId", "id"))
+    action: Literal["start", "stop", "restart", "remove", "delete"]
+
+
+def _location(item: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in item["loc"]) or "body"
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """Validate `body`; unknown fields -> 422 naming them, anything else wrong -> 400 naming the field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        unknown = [_location(e) for e in errors if e["type"] == "extra_forbidden"]
+        if unknown:
+            raise ApiError(422, "unknown_fields", f"unknown field(s): {', '.join(unknown)}",
+                           {"fields": unknown}) from None
+        first = errors[0]
+        field = _location(first)
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ApiError(400, "invalid_request", f"{field}: {message}",
+                       {"field": field, "problems": [f"{_location(e)}: {e['msg']}" for e in errors]}) from None

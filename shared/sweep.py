@@ -1,0 +1,67 @@
+"""mcp_status_sweep: one pass of the job that keeps stored state honest when agents go silent.
+
+Cloud Scheduler POSTs here every minute or so. The function is deployed without public access
+(`--no-allow-unauthenticated`), so Cloud Run's IAM check is the authentication: only the
+scheduler's service account can invoke it, and there is no user JWT to verify. The request body
+is ignored (a scheduler job sends whatever it was configured with); GET and the rest are 405, so
+a browser or a crawler that reaches the URL cannot trigger work.
+
+All of the work is one SQL call (`cp_sweep`, sql/migrations/0007_status_and_sweep.sql): it is
+bounded by SWEEP_BATCH_SIZE, uses the database clock, and is safe when two sweeps overlap (row
+locks with SKIP LOCKED). This module only passes the configuration, logs the counts, and says
+loudly when the guard tripped: more than SWEEP_GUARD_FRACTION of the active toolboxes falling
+silent at once points at our heartbeat ingest, not at the droplets, so nothing was marked and a
+human should look.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shared.config import Settings
+from shared.db import Database
+from shared.http import Call, Reply
+
+log = logging.getLogger("mcp.sweep")
+
+# Below this many silent toolboxes the guard never trips: in a fleet of one or two toolboxes any
+# silence is "more than half", and one droplet going quiet is most likely that droplet.
+GUARD_MIN_TOOLBOXES = 3
+
+
+def sweep_once(db: Database, settings: Settings) -> dict[str, Any]:
+    """Run one sweep with the configured thresholds and return its counts."""
+    return db.call(
+        "cp_sweep",
+        p_stale_after_seconds=settings.stale_after_seconds,
+        p_first_contact_grace_seconds=settings.FIRST_CONTACT_GRACE_SECONDS,
+        p_deploy_deadline_seconds=settings.DEPLOY_DEADLINE_SECONDS,
+        p_action_deadline_seconds=settings.ACTION_DEADLINE_SECONDS,
+        p_batch_size=settings.SWEEP_BATCH_SIZE,
+        p_guard_fraction=settings.SWEEP_GUARD_FRACTION,
+        p_guard_min_toolboxes=GUARD_MIN_TOOLBOXES,
+    )
+
+
+def _log(counts: dict[str, Any], settings: Settings) -> None:
+    fields = {"json_fields": {"sweep": counts}}
+    if counts["guard_tripped"]:
+        log.error("sweep guard tripped: %d of %d active toolboxes silent (plus %d marked unresponsive within "
+                  "%d s), more than %.0f%%; marked none. Check the heartbeat ingest path, then the droplets.",
+                  counts["silent_toolboxes"], counts["active_toolboxes"], counts["recently_unresponsive"],
+                  settings.stale_after_seconds, settings.SWEEP_GUARD_FRACTION * 100, extra=fields)
+    else:
+        log.info("sweep: %d toolbox(es) unresponsive (%d instance events), %d failed first contact, "
+                 "%d instance deadline(s) %s%s", counts["marked_unresponsive"], counts["instance_events"],
+                 counts["first_contact_failed"], counts["deadlines_failed"], counts["deadlines"],
+                 "; more to do" if counts["more"] else "", extra=fields)
+
+
+def handle(call: Call, db: Database) -> Reply:
+    """One sweep; 200 with the counts, including when the guard tripped (the sweep did its job)."""
+    counts = sweep_once(db, call.settings)
+    call.log_fields.update({"guard_tripped": counts["guard_tripped"], "marked": counts["marked_unresponsive"],
+                            "deadlines_failed": counts["deadlines_failed"]})
+    _log(counts, call.settings)
+    return Reply(200, counts)

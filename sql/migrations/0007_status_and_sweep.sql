@@ -1,0 +1,547 @@
+-- mcp_status and mcp_status_sweep: reading the caller's MCP servers with their toolbox and
+-- recent history in one round trip, applying a direct DTMA read through the heartbeat's
+-- reconciliation, and the scheduled sweep that keeps stored state honest when agents go silent.
+--
+-- Time is always the database's now() (reference anchors B4.1): ages and deadlines are computed
+-- here, never from a function instance's clock.
+
+-- ---------------------------------------------------------------------------------------------
+-- Small helpers
+-- ---------------------------------------------------------------------------------------------
+
+-- "10 min" for whole minutes, "90 s" otherwise: deadline messages quote the configured value in
+-- the unit an operator would have typed.
+create or replace function public.cp_duration_text(p_seconds numeric)
+returns text
+language sql immutable
+as $$
+  select case when p_seconds >= 60 and p_seconds % 60 = 0 then (p_seconds / 60)::bigint || ' min'
+              else floor(p_seconds)::bigint || ' s' end
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Reconciliation, shared by the heartbeat and by mcp_status?refresh=true.
+--
+-- Extracted from 0005's cp_ingest_heartbeat so that a direct DTMA read (GET /tools/status) goes
+-- through exactly the same matching and state machine as a heartbeat. It touches INSTANCES only:
+-- the toolbox row (last_heartbeat_at, boot/seq, status, report details) is the caller's business,
+-- because only a heartbeat is a liveness signal. A read the backend initiated proves the backend
+-- can reach the agent, not that the agent can reach the backend.
+--
+-- p_report has the shape documented in 0005 (containers / instances / full_list / docker_error).
+-- p_source is 'heartbeat' or 'dtma'; it names the transitions' source (the state machine has rows
+-- for both) and decides whether absences count:
+--   * heartbeat: a container-format list is the full truth; a container missing from two
+--     consecutive heartbeats (>= one interval apart) fails its instance;
+--   * dtma: absences never count. A user can fire reads seconds apart, and two clicks on
+--     "refresh" must not do what the two-heartbeat rule exists to prevent.
+-- The caller must hold the toolbox row lock (FOR UPDATE), which serialises all reconciliation of
+-- one toolbox. Returns {matched, transitions, rejected, unmanaged: [...]}.
+-- ---------------------------------------------------------------------------------------------
+create or replace function public.cp_reconcile_toolbox(p_toolbox_id uuid, p_report jsonb, p_source text)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_source public.instance_event_source_enum;
+  v_obs jsonb;
+  v_rejected int;
+  v_unmanaged jsonb;
+  v_transitions int := 0;
+  v_row public.account_tool_instances;
+  v_obs_row record;
+begin
+  if p_source not in ('heartbeat', 'dtma') then
+    perform public.cp_raise('MC400', format('reports come from a heartbeat or a DTMA read, not %s', p_source));
+  end if;
+  v_source := p_source::public.instance_event_source_enum;
+
+  -- Observations: one per instance of THIS toolbox that the report mentions.
+  select coalesce(jsonb_agg(o), '[]') into v_obs from (
+    select distinct on (i.id) i.id as instance_id, c->>'target' as target, c->>'message' as message,
+           c->>'container_id' as container_id, c->'runtime' as runtime
+      from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
+      join public.account_tool_instances i
+        on i.account_tool_environment_id = p_toolbox_id
+       and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names'))
+    union all
+    select i.id, x->>'target', x->>'message', null, x->'runtime'
+      from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
+      join public.account_tool_instances i
+        on i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id
+  ) o;
+
+  -- W1: instance-format items naming an instance that is not on this toolbox change nothing.
+  select count(*) into v_rejected
+    from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
+   where not exists (select 1 from public.account_tool_instances i
+                     where i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id);
+
+  -- Containers that match no instance: the DTMA itself, other software on the droplet.
+  select coalesce(jsonb_agg(jsonb_build_object('names', c->'names', 'image', c->'runtime'->'image',
+                                               'state', c->'runtime'->'state')), '[]')
+    into v_unmanaged
+    from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
+   where not exists (select 1 from public.account_tool_instances i
+                     where i.account_tool_environment_id = p_toolbox_id
+                       and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names')));
+
+  -- What the report says about each container, written only when it changed (the Docker status
+  -- text, "Up 5 minutes", changes every beat and is not worth a row write and a Realtime event).
+  update public.account_tool_instances i
+     set runtime_details = coalesce(o.runtime, i.runtime_details),
+         container_id = coalesce(o.container_id, i.container_id),
+         last_heartbeat_from_dtma = now(),
+         missing_heartbeats = 0
+    from jsonb_to_recordset(v_obs) as o(instance_id uuid, container_id text, runtime jsonb)
+   where i.id = o.instance_id
+     and (i.missing_heartbeats <> 0
+          or i.container_id is distinct from coalesce(o.container_id, i.container_id)
+          or (i.runtime_details - 'status') is distinct from (coalesce(o.runtime, i.runtime_details) - 'status'));
+
+  -- Status changes the state machine allows for a report; others (e.g. a container still
+  -- running while a stop is in flight) leave the status to the API call or the sweep.
+  for v_obs_row in
+    select i as inst, o.target, o.message
+      from jsonb_to_recordset(v_obs) as o(instance_id uuid, target text, message text)
+      join public.account_tool_instances i on i.id = o.instance_id
+     where o.target is not null and i.status_on_toolbox::text <> o.target
+       and exists (select 1 from public.instance_status_transitions t
+                   where t.from_status = i.status_on_toolbox and t.to_status::text = o.target
+                     and t.source = v_source)
+     order by i.id
+       for update of i
+  loop
+    perform public.cp_apply_instance_transition(
+      v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, v_source,
+      v_obs_row.message);
+    v_transitions := v_transitions + 1;
+  end loop;
+
+  -- Level-triggered reconciliation (heartbeats only, see above): a full container list that
+  -- omits a container we expect to exist counts one miss; two consecutive misses make it an
+  -- error (one miss can be a race with a deploy or a removal in flight).
+  if v_source = 'heartbeat' and coalesce((p_report->>'full_list')::boolean, false)
+     and p_report->>'docker_error' is null then
+    update public.account_tool_instances i
+       set missing_heartbeats = i.missing_heartbeats + 1
+     where i.account_tool_environment_id = p_toolbox_id
+       and i.status_on_toolbox in ('running', 'stopped')
+       and not exists (select 1 from jsonb_to_recordset(v_obs) as o(instance_id uuid) where o.instance_id = i.id);
+    for v_row in
+      select * from public.account_tool_instances i
+       where i.account_tool_environment_id = p_toolbox_id and i.missing_heartbeats >= 2
+         and i.status_on_toolbox in ('running', 'stopped')
+       order by i.id
+         for update
+    loop
+      perform public.cp_apply_instance_transition(
+        v_row, 'error', 'heartbeat',
+        format('container %s not found on toolbox (missing from 2 consecutive heartbeats)',
+               v_row.instance_name_on_toolbox));
+      v_transitions := v_transitions + 1;
+    end loop;
+  end if;
+
+  return jsonb_build_object('matched', jsonb_array_length(v_obs), 'transitions', v_transitions,
+                            'rejected', v_rejected, 'unmanaged', v_unmanaged);
+end
+$$;
+
+-- The heartbeat (0005) rewritten on top of cp_reconcile_toolbox, behaviour unchanged: lock the
+-- toolbox by its token, apply ordering, reconcile its instances, then record the liveness
+-- signal on the toolbox row (the part a DTMA read must never do).
+create or replace function public.cp_ingest_heartbeat(p_token_sha256 text, p_report jsonb)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_box public.account_tool_environments;
+  v_result jsonb;
+  v_recovered boolean;
+begin
+  select * into v_box from public.account_tool_environments
+   where dtma_token_sha256 = decode(p_token_sha256, 'hex')
+   for update;
+  if not found then
+    perform public.cp_raise('MC401', 'unknown toolbox token');
+  end if;
+  if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
+    perform public.cp_raise('MC409', format('toolbox is %s; heartbeats are not accepted', v_box.status),
+                            jsonb_build_object('toolbox_status', v_box.status));
+  end if;
+
+  -- Ordering: a beat from the same agent run that is not newer than the last applied one is a
+  -- duplicate or arrived late; acknowledge it and change nothing.
+  if p_report->>'boot_id' is not null and p_report->>'seq' is not null
+     and v_box.dtma_boot_id = p_report->>'boot_id'
+     and v_box.dtma_last_seq >= (p_report->>'seq')::bigint then
+    return jsonb_build_object('toolbox_id', v_box.id, 'ignored', true,
+                              'reason', 'sequence not newer than the last applied heartbeat');
+  end if;
+
+  v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'heartbeat');
+
+  v_recovered := v_box.status = 'unresponsive';
+  update public.account_tool_environments
+     set last_heartbeat_at = now(),
+         dtma_last_known_version = left(p_report->>'dtma_version', 64),
+         dtma_health_details_json = p_report->'system_status',
+         dtma_report_details_json = jsonb_build_object(
+           'unmanaged_containers', v_result->'unmanaged',
+           'docker', case when p_report->>'docker_error' is null then jsonb_build_object('healthy', true)
+                          else jsonb_build_object('healthy', false, 'error', p_report->>'docker_error') end,
+           'rejected_items', (v_result->>'rejected')::int,
+           'extra', coalesce(p_report->'extra', '{}')),
+         dtma_boot_id = coalesce(p_report->>'boot_id', dtma_boot_id),
+         dtma_last_seq = case when p_report->>'boot_id' is null then dtma_last_seq
+                              else (p_report->>'seq')::bigint end,
+         status = case when status in ('provisioning', 'awaiting_heartbeat', 'unresponsive', 'error_provisioning')
+                       then 'active' else status end,
+         status_changed_at = case when status in ('provisioning', 'awaiting_heartbeat', 'unresponsive',
+                                                  'error_provisioning') then now() else status_changed_at end,
+         provisioning_error_message = case when status = 'error_provisioning' then null
+                                           else provisioning_error_message end
+   where id = v_box.id;
+
+  -- The toolbox is back: say so on each instance's history (their stored status was kept, so
+  -- the effective status is exact again from this moment).
+  if v_recovered then
+    insert into public.account_tool_instance_events
+      (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
+       from_status, to_status, source, message)
+    select i.id, i.account_tool_environment_id, i.instance_name_on_toolbox, i.status_on_toolbox,
+           i.status_on_toolbox, 'heartbeat', 'toolbox is reporting again'
+      from public.account_tool_instances i where i.account_tool_environment_id = v_box.id;
+  end if;
+
+  return jsonb_build_object(
+    'toolbox_id', v_box.id, 'ignored', false, 'previous_status', v_box.status,
+    'matched', v_result->'matched', 'transitions', v_result->'transitions',
+    'rejected', v_result->'rejected', 'unmanaged', jsonb_array_length(v_result->'unmanaged'));
+end
+$$;
+
+-- mcp_status?refresh=true: apply what the toolbox's DTMA answered to GET /tools/status. The
+-- toolbox must be the caller's (else "not found", like a missing one) and its row is locked, so
+-- a refresh and a heartbeat of the same toolbox apply one after the other. Nothing on the
+-- toolbox row changes: see cp_reconcile_toolbox.
+create or replace function public.cp_refresh_from_dtma(p_user_id uuid, p_toolbox_id uuid, p_report jsonb)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_box public.account_tool_environments;
+  v_result jsonb;
+begin
+  select * into v_box from public.account_tool_environments
+   where id = p_toolbox_id and user_id = p_user_id
+   for update;
+  if not found then
+    perform public.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
+  end if;
+  if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
+    perform public.cp_raise('MC409', format('toolbox %s is %s; its reports are not applied', v_box.name,
+                                            replace(v_box.status::text, '_', ' ')),
+                            jsonb_build_object('toolbox_status', v_box.status));
+  end if;
+  v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'dtma');
+  return jsonb_build_object('toolbox_id', v_box.id, 'matched', v_result->'matched',
+                            'transitions', v_result->'transitions',
+                            'unmanaged', jsonb_array_length(v_result->'unmanaged'));
+end
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- mcp_status: the caller's MCP servers, one statement.
+--
+-- Each item carries the instance columns the API renders, its toolbox (with the heartbeat age
+-- computed with the database clock) and its last 5 events (newest first from the
+-- (account_tool_instance_id, id desc) index, returned oldest first). Only mcp_server_type =
+-- 'mcp_server' rows of toolboxes owned by p_user_id are visible.
+--
+-- Order: (created_at, id) ascending. New servers sort after every existing one, so a client
+-- paging through while servers are being deployed sees no duplicates and no gaps.
+-- Cursor (keyset): {"created_at": "<timestamptz as jsonb renders it>", "id": "<uuid>"} of the last
+-- item of the previous page; next_cursor is null on the last page. The API hands it to clients
+-- as an opaque base64url string.
+-- p_id given: that one server (other filters and the cursor are ignored), or MC404 when it does
+-- not exist or is not the caller's (the same answer, so ids of other users do not leak).
+-- ---------------------------------------------------------------------------------------------
+create or replace function public.cp_list_mcp_servers(
+  p_user_id uuid,
+  p_id uuid default null,
+  p_toolbox_id uuid default null,
+  p_status text default null,
+  p_limit int default 50,
+  p_cursor jsonb default null
+) returns jsonb
+language plpgsql stable
+set search_path = public, pg_temp
+as $$
+declare
+  v_limit int := least(greatest(coalesce(p_limit, 50), 1), 100);
+  v_after_created timestamptz := (p_cursor->>'created_at')::timestamptz;
+  v_after_id uuid := (p_cursor->>'id')::uuid;
+  v_result jsonb;
+begin
+  with page as (
+    select i.*, row_number() over (order by i.created_at, i.id) as ord
+      from public.account_tool_instances i
+      join public.account_tool_environments e on e.id = i.account_tool_environment_id
+     where e.user_id = p_user_id
+       and i.mcp_server_type = 'mcp_server'
+       and (p_id is null or i.id = p_id)
+       and (p_id is not null or p_toolbox_id is null or i.account_tool_environment_id = p_toolbox_id)
+       and (p_id is not null or p_status is null or i.status_on_toolbox::text = p_status)
+       and (p_id is not null or v_after_id is null or (i.created_at, i.id) > (v_after_created, v_after_id))
+     order by i.created_at, i.id
+     limit v_limit + 1
+  )
+  select jsonb_build_object(
+           'items', coalesce(jsonb_agg(x.item order by x.ord) filter (where x.ord <= v_limit), '[]'::jsonb),
+           'next_cursor', case when count(*) > v_limit
+                               then (array_agg(x.cursor order by x.ord desc) filter (where x.ord <= v_limit))[1]
+                          end,
+           'now', now())
+    into v_result
+    from (
+      select p.ord,
+             jsonb_build_object('created_at', p.created_at, 'id', p.id) as cursor,
+             jsonb_build_object(
+               'id', p.id,
+               'name', p.instance_name_on_toolbox,
+               'status', p.status_on_toolbox,
+               'status_changed_at', p.status_changed_at,
+               'status_age_seconds', extract(epoch from now() - p.status_changed_at),
+               'error_message', p.instance_error_message,
+               'image', p.docker_image_url,
+               'host_port', p.host_port,
+               'container_port', p.container_port,
+               'container_id', p.container_id,
+               'endpoint_path', p.mcp_endpoint_path,
+               'transport', p.mcp_transport_type,
+               'capabilities', p.mcp_server_capabilities,
+               'discovery_metadata', p.mcp_discovery_metadata,
+               'runtime', p.runtime_details,
+               'last_report_at', p.last_heartbeat_from_dtma,
+               'created_at', p.created_at,
+               'updated_at', p.updated_at,
+               'toolbox', jsonb_build_object(
+                 'id', e.id, 'name', e.name, 'region_slug', e.region_slug, 'status', e.status,
+                 'public_ip_address', host(e.public_ip_address), 'dtma_port', e.dtma_port,
+                 'dtma_key_version', e.dtma_key_version, 'last_heartbeat_at', e.last_heartbeat_at,
+                 'heartbeat_age_seconds', extract(epoch from now() - e.last_heartbeat_at),
+                 'provisioning_error_message', e.provisioning_error_message),
+               'events', coalesce(ev.events, '[]'::jsonb)) as item
+        from page p
+        join public.account_tool_environments e on e.id = p.account_tool_environment_id
+        left join lateral (
+          select jsonb_agg(jsonb_build_object('at', l.at, 'from', l.from_status, 'to', l.to_status,
+                                              'message', l.message, 'source', l.source) order by l.id) as events
+            from (select * from public.account_tool_instance_events ev
+                   where ev.account_tool_instance_id = p.id
+                   order by ev.id desc
+                   limit 5) l
+        ) ev on true
+    ) x;
+
+  if p_id is not null and jsonb_array_length(v_result->'items') = 0 then
+    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_id));
+  end if;
+  return v_result;
+end
+$$;
+
+-- ---------------------------------------------------------------------------------------------
+-- mcp_status_sweep: one pass, bounded, idempotent, safe when two run at once.
+--
+-- 1. Active toolboxes silent for longer than p_stale_after_seconds become `unresponsive`, with an
+--    event on each of their instances. The instances' stored status is kept, so recovery (the
+--    next heartbeat, cp_ingest_heartbeat) is exact. mcp_status shows them `unknown` from the
+--    heartbeat age alone, whether or not a sweep has run: this step records, it does not decide
+--    what users see.
+-- 2. Toolboxes `awaiting_heartbeat` longer than the first-contact grace become
+--    `error_provisioning`, with the reason in provisioning_error_message.
+-- 3. Instances past their deadline in a transitional status become `error` (through
+--    cp_apply_instance_transition, source 'sweep') with a message naming what never happened.
+--    A deadline verdict needs a report to stand on: instances on a toolbox we have not heard
+--    from within p_stale_after_seconds are left alone (staleness is not failure; they read as
+--    unknown and the first heartbeat after recovery settles them or lets the next sweep fail
+--    them). pending_deploy never reached the toolbox, so it has no such condition.
+--
+-- The guard (Kubernetes' all-zones rule, anchors B4.6): when the toolboxes going silent are more
+-- than p_guard_fraction of the active fleet, the likelier cause is our ingest path (or the
+-- network in front of it), not the droplets. Then steps 1 and 2, the verdicts that rest on "no
+-- heartbeat arrived", mark nothing, and the answer says guard_tripped. Step 3 carries on: it
+-- only fails instances on toolboxes whose heartbeats do arrive, and an ingest outage leaves none.
+--   silent  = active toolboxes silent beyond the threshold now (whatever the batch size),
+--   recent  = toolboxes marked unresponsive within the last p_stale_after_seconds (an outage
+--             that spreads over several sweeps still adds up instead of being marked piecemeal),
+--   trips when silent > 0 and silent + recent >= p_guard_min_toolboxes
+--              and silent + recent > p_guard_fraction * (active + recent).
+--   p_guard_min_toolboxes (default 3): in a fleet of one or two toolboxes any silence is "more
+--   than half", and the likeliest cause of one droplet going quiet is that droplet. A fraction
+--   means something once several independent toolboxes fall silent together.
+--
+-- Concurrency: every change picks its rows with FOR UPDATE SKIP LOCKED, and every predicate is
+-- re-checked on the locked row version, so two sweeps at once split the work and change each
+-- row once; a heartbeat holding a toolbox's lock is simply skipped (it is proof of life).
+-- Each kind of change is bounded by p_batch_size; `more` says a kind hit it (run again).
+-- ---------------------------------------------------------------------------------------------
+create or replace function public.cp_sweep(
+  p_stale_after_seconds int,
+  p_first_contact_grace_seconds int,
+  p_deploy_deadline_seconds int,
+  p_action_deadline_seconds int,
+  p_batch_size int,
+  p_guard_fraction float8,
+  p_guard_min_toolboxes int default 3
+) returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_stale interval := make_interval(secs => p_stale_after_seconds);
+  v_silent_before timestamptz := now() - make_interval(secs => p_stale_after_seconds);
+  v_active int;
+  v_silent int;
+  v_recent int;
+  v_tripped boolean;
+  v_marked int := 0;
+  v_events int := 0;
+  v_first_contact int := 0;
+  v_deadlines jsonb := '{}';
+  v_failed int := 0;
+  v_row record;
+begin
+  if p_batch_size < 1 or p_guard_fraction <= 0 or p_guard_fraction > 1 or p_stale_after_seconds < 1 then
+    perform public.cp_raise('MC400', 'sweep parameters out of range',
+                            jsonb_build_object('batch_size', p_batch_size, 'guard_fraction', p_guard_fraction,
+                                               'stale_after_seconds', p_stale_after_seconds));
+  end if;
+
+  select count(*) into v_active from public.account_tool_environments where status = 'active';
+  select count(*) into v_silent from public.account_tool_environments
+   where status = 'active'
+     and (last_heartbeat_at < v_silent_before
+          or (last_heartbeat_at is null and status_changed_at < v_silent_before));
+  select count(*) into v_recent from public.account_tool_environments
+   where status = 'unresponsive' and status_changed_at >= now() - v_stale;
+  v_tripped := v_silent > 0 and v_silent + v_recent >= p_guard_min_toolboxes
+               and (v_silent + v_recent) > p_guard_fraction * (v_active + v_recent);
+
+  if not v_tripped then
+    -- 1. silent toolboxes -> unresponsive, one event per instance
+    with picked as (
+      select e.id, coalesce(e.last_heartbeat_at, e.status_changed_at) as last_heard
+        from public.account_tool_environments e
+       where e.status = 'active'
+         and (e.last_heartbeat_at < v_silent_before
+              or (e.last_heartbeat_at is null and e.status_changed_at < v_silent_before))
+       order by e.last_heartbeat_at nulls first, e.id
+       limit p_batch_size
+       for update skip locked
+    ), marked as (
+      update public.account_tool_environments e
+         set status = 'unresponsive', status_changed_at = now()
+        from picked
+       where e.id = picked.id
+      returning e.id, e.name, picked.last_heard
+    ), events as (
+      insert into public.account_tool_instance_events
+        (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
+         from_status, to_status, source, message)
+      select i.id, i.account_tool_environment_id, i.instance_name_on_toolbox, i.status_on_toolbox,
+             i.status_on_toolbox, 'sweep',
+             format('toolbox %s silent for %s s; status unknown until it reports again',
+                    coalesce(m.name, m.id::text), floor(extract(epoch from now() - m.last_heard))::bigint)
+        from marked m
+        join public.account_tool_instances i on i.account_tool_environment_id = m.id
+      returning 1
+    )
+    select (select count(*) from marked), (select count(*) from events) into v_marked, v_events;
+
+    -- 2. never made first contact -> error_provisioning
+    with picked as (
+      select e.id from public.account_tool_environments e
+       where e.status = 'awaiting_heartbeat'
+         and e.status_changed_at < now() - make_interval(secs => p_first_contact_grace_seconds)
+       order by e.status_changed_at, e.id
+       limit p_batch_size
+       for update skip locked
+    ), failed as (
+      update public.account_tool_environments e
+         set status = 'error_provisioning', status_changed_at = now(),
+             provisioning_error_message = format(
+               'the toolbox agent sent no heartbeat within %s of provisioning; check that the droplet '
+               'booted, that cloud-init installed and started the DTMA (/var/log/cloud-init-output.log), '
+               'and that the droplet can reach the backend',
+               public.cp_duration_text(p_first_contact_grace_seconds))
+        from picked
+       where e.id = picked.id
+      returning 1
+    )
+    select count(*) into v_first_contact from failed;
+  end if;
+
+  -- 3. deadlines
+  for v_row in
+    select i as inst, i.status_on_toolbox::text as status
+      from public.account_tool_instances i
+      join public.account_tool_environments e on e.id = i.account_tool_environment_id
+     where i.status_on_toolbox in ('pending_deploy', 'deploying', 'starting', 'stopping', 'deleting')
+       and i.status_changed_at < now() - make_interval(secs => least(p_deploy_deadline_seconds,
+                                                                      p_action_deadline_seconds))
+       and ((i.status_on_toolbox = 'pending_deploy'
+            and i.status_changed_at < now() - make_interval(secs => p_deploy_deadline_seconds))
+        or (i.status_on_toolbox = 'deploying'
+            and i.status_changed_at < now() - make_interval(secs => p_deploy_deadline_seconds)
+            and e.status = 'active' and e.last_heartbeat_at >= v_silent_before)
+        or (i.status_on_toolbox in ('starting', 'stopping', 'deleting')
+            and i.status_changed_at < now() - make_interval(secs => p_action_deadline_seconds)
+            and e.status = 'active' and e.last_heartbeat_at >= v_silent_before))
+     order by i.status_changed_at, i.id
+     limit p_batch_size
+       for update of i skip locked
+  loop
+    perform public.cp_apply_instance_transition(
+      v_row.inst, 'error', 'sweep',
+      case v_row.status
+        when 'pending_deploy' then format(
+          'deploy of %s was recorded but never sent to the toolbox within %s; deploy it again',
+          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_deploy_deadline_seconds))
+        when 'deploying' then format(
+          'no heartbeat reported container %s running within %s of the deploy; check the image and '
+          'its logs on the toolbox, then deploy again',
+          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_deploy_deadline_seconds))
+        when 'starting' then format('no report confirmed container %s started within %s',
+          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_action_deadline_seconds))
+        when 'stopping' then format('no report confirmed container %s stopped within %s',
+          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_action_deadline_seconds))
+        else format('the toolbox never confirmed container %s was removed within %s; remove it again',
+          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_action_deadline_seconds))
+      end);
+    v_deadlines := jsonb_set(v_deadlines, array[v_row.status],
+                             to_jsonb(coalesce((v_deadlines->>v_row.status)::int, 0) + 1));
+    v_failed := v_failed + 1;
+  end loop;
+
+  return jsonb_build_object(
+    'guard_tripped', v_tripped,
+    'active_toolboxes', v_active,
+    'silent_toolboxes', v_silent,
+    'recently_unresponsive', v_recent,
+    'marked_unresponsive', v_marked,
+    'instance_events', v_events,
+    'first_contact_failed', v_first_contact,
+    'deadlines_failed', v_failed,
+    'deadlines', v_deadlines,
+    'more', v_marked >= p_batch_size or v_first_contact >= p_batch_size or v_failed >= p_batch_size);
+end
+$$;
+
+select public.cp_restrict_rpc_to_service_role();

@@ -1,0 +1,562 @@
+"""Build `docs/openapi.json` (OpenAPI 3.1) from the code that defines the API.
+
+Request bodies come from the pydantic models the functions validate with (`shared.models`,
+`shared.status`, `shared.heartbeat`), so the document cannot drift from what is accepted.
+Answers are described here, next to each other, because the functions render plain dicts; the
+local stack's tests and `--demo` check real answers against them (`devstack.schema_check`), so
+a field added to an answer without being documented fails a test.
+
+Usage: `python -m devstack.openapi` rewrites docs/openapi.json; `--check` exits 1 if the file
+is not what the code generates (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel
+
+from shared import lifecycle
+from shared.heartbeat import ContainerSummary, Heartbeat, InstanceReport
+from shared.models import ActionRequest, DeployRequest
+from shared.status import MAX_LIMIT, StatusRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = ROOT / "docs" / "openapi.json"
+REF = "#/components/schemas/{model}"
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {**schema, "type": [kind, "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _strict(properties: dict[str, Any], description: str = "", optional: Sequence[str] = ()) -> dict[str, Any]:
+    """An object whose every listed property is present (except `optional`) and nothing else."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": [name for name in properties if name not in optional],
+    }
+    if description:
+        schema = {"description": description, **schema}
+    return schema
+
+
+def _model_schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """The model's JSON schema, with the camelCase aliases the web app sends noted per property."""
+    schema = model.model_json_schema(ref_template=REF)
+    schemas.update(schema.pop("$defs", {}))
+    for name, field in model.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            others = [str(choice) for choice in alias.choices if choice != name]
+            if others and name in schema.get("properties", {}):
+                schema["properties"][name]["description"] = "Also accepted as: " + ", ".join(others) + "."
+    return schema
+
+
+STRING = {"type": "string"}
+TIMESTAMP = {"type": "string", "format": "date-time"}
+UUID = {"type": "string", "format": "uuid"}
+COUNT = {"type": "integer", "minimum": 0}
+
+
+def _schemas() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    schemas["DeployRequest"] = _model_schema(DeployRequest, schemas)
+    schemas["ActionRequest"] = _model_schema(ActionRequest, schemas)
+    schemas["StatusRequest"] = _model_schema(StatusRequest, schemas)
+    heartbeat = _model_schema(Heartbeat, schemas)
+    heartbeat["properties"]["tool_statuses"]["items"] = {
+        "anyOf": [_ref("ContainerSummary"), _ref("InstanceReport"), _ref("DockerError")]
+    }
+    heartbeat["description"] = (
+        "What the DTMA agent sends every interval. Items of `tool_statuses` are Docker "
+        "container summaries (the real agent today) or instance reports; unknown "
+        "top-level fields are kept, not refused (agents evolve)."
+    )
+    schemas["Heartbeat"] = heartbeat
+    schemas["ContainerSummary"] = _model_schema(ContainerSummary, schemas)
+    schemas["InstanceReport"] = _model_schema(InstanceReport, schemas)
+    schemas["DockerError"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": STRING},
+        "description": "The agent could not talk to Docker; no instance changes.",
+    }
+    schemas["Error"] = _strict(
+        {
+            "error": _strict(
+                {
+                    "code": {
+                        "type": "string",
+                        "description": "Stable, for programs (e.g. `toolbox_unreachable`).",
+                    },
+                    "message": {"type": "string", "description": "A sentence a user can act on."},
+                    "details": {
+                        "type": "object",
+                        "description": "Context: the offending field, or the `server` as "
+                        "recorded after a failed deploy or action.",
+                    },
+                }
+            )
+        },
+        "Every refusal has this shape. supabase-js raises it as FunctionsHttpError; the body is on `error.context`.",
+    )
+    schemas["Progress"] = _strict(
+        {
+            "at": TIMESTAMP,
+            "from": _nullable(STRING),
+            "to": STRING,
+            "message": STRING,
+            "source": {"type": "string", "enum": [s.value for s in lifecycle.Source]},
+        }
+    )
+    schemas["ToolboxSummary"] = _strict(
+        {
+            "id": UUID,
+            "name": _nullable(STRING),
+            "region": _nullable(STRING),
+            "status": {
+                "type": "string",
+                "description": "Stored toolbox status (`active`, `unresponsive`, ...).",
+            },
+            "last_heartbeat_at": _nullable(TIMESTAMP),
+            "seconds_since_heartbeat": _nullable(COUNT),
+        }
+    )
+    schemas["Server"] = _strict(
+        {
+            "id": UUID,
+            "name": {"type": "string", "description": "Container name on the toolbox."},
+            "toolbox": _ref("ToolboxSummary"),
+            "status": {
+                "type": "string",
+                "description": "Stored status: " + ", ".join(s.value for s in lifecycle.Status),
+            },
+            "effective_status": {
+                "type": "string",
+                "enum": [e.value for e in lifecycle.Effective],
+                "description": "What to show: `unknown` whenever the toolbox is silent or not "
+                "active, whatever is stored.",
+            },
+            "health": {"type": "string", "enum": ["healthy", "degraded", "unhealthy", "unknown"]},
+            "stale": {
+                "type": "boolean",
+                "description": "The toolbox's last heartbeat is older than the threshold.",
+            },
+            "endpoint": _nullable({"type": "string", "description": "http://<toolbox ip>:<host port><path>"}),
+            "transport": _nullable({"type": "string", "enum": ["stdio", "sse", "streamable_http"]}),
+            "image": _nullable(STRING),
+            "error": _nullable({"type": "string", "description": "Why it failed or why it is unknown, actionable."}),
+            "progress": {
+                "type": "array",
+                "items": _ref("Progress"),
+                "maxItems": 5,
+                "description": "The last events, oldest first.",
+            },
+            "uptime_seconds": _nullable(COUNT),
+            "status_changed_at": TIMESTAMP,
+            "last_report_at": _nullable(TIMESTAMP),
+            "host_port": _nullable({"type": "integer"}),
+            "container_port": _nullable({"type": "integer"}),
+            "capabilities": _nullable({"type": "array", "items": STRING}),
+            "discovery_metadata": _nullable({"type": "object"}),
+            "created_at": TIMESTAMP,
+            "updated_at": TIMESTAMP,
+        },
+        "One MCP server as the web app shows it.",
+    )
+    refresh = {
+        "type": "object",
+        "description": "mcp_status?refresh=true: per toolbox id, what its DTMA said.",
+        "additionalProperties": _strict(
+            {
+                "ok": {"type": "boolean"},
+                "error": STRING,
+                "containers": COUNT,
+                "matched": COUNT,
+                "transitions": COUNT,
+            },
+            optional=("error", "containers", "matched", "transitions"),
+        ),
+    }
+    schemas["ServerList"] = _strict(
+        {
+            "servers": {"type": "array", "items": _ref("Server"), "maxItems": MAX_LIMIT},
+            "next_cursor": _nullable({"type": "string", "description": "Pass back as `cursor` for the next page."}),
+            "as_of": TIMESTAMP,
+            "refresh": refresh,
+        },
+        optional=("refresh",),
+    )
+    schemas["ServerOne"] = _strict(
+        {"server": _ref("Server"), "as_of": TIMESTAMP, "refresh": refresh}, optional=("refresh",)
+    )
+    schemas["Removed"] = _strict(
+        {"id": UUID, "name": STRING, "status": {"const": "removed"}},
+        "The container is gone from the toolbox and the record is deleted.",
+    )
+    schemas["SweepCounts"] = _strict(
+        {
+            "guard_tripped": {
+                "type": "boolean",
+                "description": "Too many toolboxes fell silent at once: none were marked (suspect the ingest path).",
+            },
+            "active_toolboxes": COUNT,
+            "silent_toolboxes": COUNT,
+            "recently_unresponsive": COUNT,
+            "marked_unresponsive": COUNT,
+            "instance_events": COUNT,
+            "first_contact_failed": COUNT,
+            "deadlines_failed": COUNT,
+            "deadlines": {"type": "object", "additionalProperties": COUNT},
+            "more": {"type": "boolean", "description": "A batch limit was hit; run again."},
+        }
+    )
+    return schemas
+
+
+ERRORS: dict[str, str] = {
+    "400": "The request is malformed (`invalid_json`, `invalid_request` naming the field, "
+    "`invalid_heartbeat`, `invalid_idempotency_key`).",
+    "401": "No valid token (`unauthenticated`); `WWW-Authenticate: Bearer`.",
+    "403": "The token is valid but may not do this (`forbidden`).",
+    "404": "Not found, or not the caller's (the same answer, so ids of others do not leak).",
+    "405": "Method not allowed here; `Allow` lists the methods.",
+    "409": "Conflicts with the current state: the state machine refuses the action (the message names the "
+    "current status), a name or port is taken, the toolbox is not usable, an Idempotency-Key was reused "
+    "with another body.",
+    "413": "The body is larger than MAX_BODY_BYTES (`payload_too_large`).",
+    "415": "The body is not `application/json` (`unsupported_media_type`).",
+    "422": "Unknown fields (`unknown_fields`, listed in `details.fields`): typos are never ignored.",
+    "500": "An unexpected fault; the message quotes the request id.",
+    "502": "The toolbox agent failed or refused (`toolbox_unreachable`, `toolbox_failed`, "
+    "`image_pull_failed`, `container_exited`, ...); `details.server` is the record as it now stands.",
+    "503": "The database or the signing keys are unreachable (`unavailable`); retry after `Retry-After` seconds.",
+}
+
+
+def _responses(ok: dict[str, Any], errors: Sequence[str]) -> dict[str, Any]:
+    return {**ok, **{code: {"$ref": f"#/components/responses/E{code}"} for code in errors}}
+
+
+def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}},
+        "content": {JSON: {"schema": schema}},
+    }
+
+
+def _preflight(function: str) -> dict[str, Any]:
+    return {
+        "summary": f"CORS preflight of {function}",
+        "security": [],
+        "tags": ["cors"],
+        "description": "Answered before any authentication (a preflight carries no credentials). Allows "
+        "`authorization, x-client-info, apikey, content-type`, and more, explicitly: a "
+        "wildcard would not cover `authorization`.",
+        "responses": {
+            "204": {
+                "description": "Allowed; Access-Control-Allow-* headers, no body and no "
+                "Content-Type (supabase-js would try to parse it)."
+            }
+        },
+    }
+
+
+USER_ERRORS = ("400", "401", "403", "404", "405", "409", "413", "415", "422", "500", "502", "503")
+IDEMPOTENCY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "Retries with the same key within "
+    "IDEMPOTENCY_TTL_SECONDS get the first answer again (header `Idempotent-Replayed: true`), with no second "
+    "DTMA call.",
+}
+ID_PATH = {"name": "id", "in": "path", "required": True, "schema": UUID}
+
+
+def _paths() -> dict[str, Any]:
+    accepted = {
+        "202": _body(
+            _ref("Server"),
+            "The toolbox did not answer within the budget; the work goes on "
+            "and heartbeats (or the sweep's deadline) settle it. Poll mcp_status.",
+        )
+    }
+    manage_ok = {
+        "200": _body(
+            {"anyOf": [_ref("Server"), _ref("Removed")]},
+            "Done: the server (start/stop/restart) or the removal.",
+        ),
+        **accepted,
+    }
+    status_query = [
+        {"name": "id", "in": "query", "schema": UUID, "description": "One server (answers ServerOne)."},
+        {"name": "toolbox_id", "in": "query", "schema": UUID},
+        {
+            "name": "status",
+            "in": "query",
+            "schema": {"type": "string", "enum": [s.value for s in lifecycle.Status]},
+            "description": "Stored status.",
+        },
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 50},
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": STRING,
+            "description": "`next_cursor` of the previous page.",
+        },
+        {
+            "name": "refresh",
+            "in": "query",
+            "schema": {"type": "boolean", "default": False},
+            "description": "Also ask each toolbox's DTMA (GET /tools/status) and apply what it says.",
+        },
+    ]
+    status_ok = {
+        "200": _body(
+            {"anyOf": [_ref("ServerList"), _ref("ServerOne")]},
+            "A page of servers, or one server when `id` is given.",
+        )
+    }
+    status_errors = ("400", "401", "404", "405", "413", "415", "422", "500", "503")
+    heartbeat = {
+        "summary": "A DTMA agent's heartbeat",
+        "tags": ["agents"],
+        "security": [{"toolboxToken": []}],
+        "description": "Authenticated by the toolbox's token (only its SHA-256 is stored). Applies to that "
+        "toolbox only, in one database round trip. The agent posts to `<base>/heartbeat`; any "
+        "path below the function is accepted.",
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Heartbeat")}}},
+        "responses": _responses(
+            {"204": {"description": "Applied (or a duplicate, ignored). No body."}},
+            ("400", "401", "405", "409", "413", "415", "500", "503"),
+        ),
+    }
+    return {
+        "/deploy_mcp_server": {
+            "post": {
+                "summary": "Deploy an MCP server onto one of the caller's toolboxes",
+                "tags": ["servers"],
+                "operationId": "deployMcpServer",
+                "parameters": [IDEMPOTENCY],
+                "description": "Records the server, commands the toolbox's DTMA (`POST /tools`) and answers "
+                "within DTMA_DEPLOY_BUDGET_SECONDS: 201 when the container runs, 202 while the "
+                "image is still being pulled.",
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DeployRequest")}}},
+                "responses": _responses({"201": _body(_ref("Server"), "Running."), **accepted}, USER_ERRORS),
+            },
+            "options": _preflight("deploy_mcp_server"),
+        },
+        "/manage_mcp_server": {
+            "post": {
+                "summary": "Start, stop, restart or remove a server (body form, for functions.invoke)",
+                "tags": ["servers"],
+                "operationId": "manageMcpServer",
+                "parameters": [IDEMPOTENCY],
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("ActionRequest")}}},
+                "responses": _responses(manage_ok, USER_ERRORS),
+            },
+            "options": _preflight("manage_mcp_server"),
+        },
+        "/manage_mcp_server/{id}/{action}": {
+            "post": {
+                "summary": "Start, stop or restart a server",
+                "tags": ["servers"],
+                "operationId": "actOnMcpServer",
+                "parameters": [
+                    ID_PATH,
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["start", "stop", "restart", "remove"]},
+                    },
+                    IDEMPOTENCY,
+                ],
+                "responses": _responses(manage_ok, USER_ERRORS),
+            }
+        },
+        "/manage_mcp_server/{id}": {
+            "delete": {
+                "summary": "Remove a server (container removed from the toolbox, record deleted)",
+                "tags": ["servers"],
+                "operationId": "removeMcpServer",
+                "parameters": [ID_PATH, IDEMPOTENCY],
+                "responses": _responses(manage_ok, USER_ERRORS),
+            }
+        },
+        "/mcp_status": {
+            "get": {
+                "summary": "The caller's MCP servers with effective status, health and progress",
+                "tags": ["servers"],
+                "operationId": "listMcpServers",
+                "parameters": status_query,
+                "responses": _responses(status_ok, status_errors),
+            },
+            "post": {
+                "summary": "The same, parameters in a JSON body (what supabase.functions.invoke sends)",
+                "tags": ["servers"],
+                "operationId": "queryMcpServers",
+                "requestBody": {"required": False, "content": {JSON: {"schema": _ref("StatusRequest")}}},
+                "responses": _responses(status_ok, status_errors),
+            },
+            "options": _preflight("mcp_status"),
+        },
+        "/mcp_status/{id}": {
+            "get": {
+                "summary": "One server",
+                "tags": ["servers"],
+                "operationId": "getMcpServer",
+                "parameters": [ID_PATH],
+                "responses": _responses({"200": _body(_ref("ServerOne"), "The server.")}, status_errors),
+            }
+        },
+        "/mcp_status_sweep": {
+            "post": {
+                "summary": "One sweep: silent toolboxes -> unresponsive, overdue transitions -> error",
+                "tags": ["operations"],
+                "operationId": "sweep",
+                "security": [{"cloudRunIam": []}],
+                "description": "Called by Cloud Scheduler with an OIDC token; deployed without public "
+                "access, so Cloud Run's IAM check is the authentication (the local stack has none). "
+                "The body is ignored. Idempotent and safe when two run at once.",
+                "responses": _responses(
+                    {"200": _body(_ref("SweepCounts"), "What the sweep changed.")}, ("405", "500", "503")
+                ),
+            }
+        },
+        "/dtma_heartbeat_ingest": {
+            "post": {**heartbeat, "operationId": "ingestHeartbeatAtRoot"},
+            "options": _preflight("dtma_heartbeat_ingest"),
+        },
+        "/dtma_heartbeat_ingest/heartbeat": {"post": {**heartbeat, "operationId": "ingestHeartbeat"}},
+    }
+
+
+def build() -> dict[str, Any]:
+    """The whole document."""
+    error_body = {
+        "content": {JSON: {"schema": _ref("Error")}},
+        "headers": {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "MCP control plane functions",
+            "version": "1.0.0",
+            "summary": "Deploy MCP servers onto Agentopia toolboxes through their DTMA agent, and read their "
+            "real status.",
+            "description": "Five HTTP functions (Google Cloud Run functions in production). The web app "
+            "calls them with the user's Supabase access token, like Supabase Edge Functions "
+            "(`supabase.functions.invoke(name, {body})` sends POST with JSON). The local stack "
+            "(`./deploy.sh local`) serves all of them on one port under `/functions/v1/<name>` and "
+            "`/<name>`, and this document at `/openapi.json`.",
+        },
+        "servers": [
+            {
+                "url": "{base}/functions/v1",
+                "description": "Supabase-style routing (the local stack)",
+                "variables": {"base": {"default": "http://127.0.0.1:54321"}},
+            },
+            {
+                "url": "{base}",
+                "description": "The local stack's bare mount (`/<name>`)",
+                "variables": {"base": {"default": "http://127.0.0.1:54321"}},
+            },
+            {
+                "url": "https://{region}-{project}.cloudfunctions.net",
+                "description": "Google Cloud: each function at its own URL; deploy.sh names them in "
+                "kebab-case (`deploy-mcp-server`), which the local stack also accepts.",
+                "variables": {"region": {"default": "us-central1"}, "project": {"default": "my-project"}},
+            },
+        ],
+        "security": [{"userJwt": []}],
+        "tags": [
+            {"name": "servers", "description": "Called by the web app with the user's JWT."},
+            {"name": "agents", "description": "Called by DTMA agents on the toolboxes."},
+            {"name": "operations", "description": "Called by Cloud Scheduler."},
+            {"name": "cors", "description": "Browser preflights."},
+        ],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {
+                "userJwt": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "The Supabase user access token (HS256 project secret or the "
+                    "project's JWKS keys). `apikey` and `x-client-info` are accepted and "
+                    "ignored.",
+                },
+                "toolboxToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The toolbox's DTMA token (DTMA_AUTH_TOKEN on the droplet).",
+                },
+                "cloudRunIam": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "Google OIDC ID token",
+                    "description": "Checked by Cloud Run IAM before the function runs (invoker role).",
+                },
+            },
+            "headers": {
+                "RequestId": {
+                    "description": "The request's id (echoed from `X-Request-Id` when given); "
+                    "quote it when reporting a problem.",
+                    "schema": STRING,
+                }
+            },
+            "responses": {f"E{code}": {"description": text, **error_body} for code, text in ERRORS.items()},
+        },
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=False) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack.openapi", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the generated one")
+    parser.add_argument("--out", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is out of date: run python -m devstack.openapi", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

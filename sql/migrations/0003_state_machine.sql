@@ -89,6 +89,24 @@ as $$
   select to_jsonb(p_instance)
 $$;
 
+-- Append one event to an instance's history (the only INSERT into the events table).
+create or replace function public.cp_append_event(
+  p_instance public.account_tool_instances,
+  p_from public.account_tool_installation_status_enum,
+  p_to public.account_tool_installation_status_enum,
+  p_source public.instance_event_source_enum,
+  p_message text
+) returns void
+language sql
+set search_path = public, pg_temp
+as $$
+  insert into public.account_tool_instance_events
+    (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
+     from_status, to_status, source, message)
+  values (p_instance.id, p_instance.account_tool_environment_id, p_instance.instance_name_on_toolbox,
+          p_from, p_to, p_source, p_message)
+$$;
+
 -- Apply one transition to a locked row: check it against the table, write the row and the
 -- event. Callers lock the row (SELECT ... FOR UPDATE) first; this is the only code that writes
 -- status_on_toolbox, so every change has its event.
@@ -122,11 +140,7 @@ begin
    where id = p_instance.id
   returning * into v_row;
 
-  insert into public.account_tool_instance_events
-    (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-     from_status, to_status, source, message)
-  values (v_row.id, v_row.account_tool_environment_id, v_row.instance_name_on_toolbox,
-          p_instance.status_on_toolbox, p_to, p_source, p_message);
+  perform public.cp_append_event(v_row, p_instance.status_on_toolbox, p_to, p_source, p_message);
   return v_row;
 end
 $$;

@@ -18,41 +18,47 @@
 -- Concurrency: the toolbox row is locked first (FOR UPDATE), so heartbeats of one toolbox
 -- apply one after the other and heartbeats of different toolboxes never wait for each other.
 -- Time is the database's now(), never the agent's clock (reference anchors B4).
+--
+-- The matching itself (cp_reconcile_toolbox) is shared with mcp_status?refresh=true, which
+-- applies a direct DTMA read (GET /tools/status) through the same rules.
 
-create or replace function public.cp_ingest_heartbeat(p_token_sha256 text, p_report jsonb)
+-- ---------------------------------------------------------------------------------------------
+-- Reconciliation, shared by the heartbeat and by mcp_status?refresh=true.
+--
+-- A direct DTMA read (GET /tools/status) goes through exactly the same matching and state
+-- machine as a heartbeat. It touches INSTANCES only:
+-- the toolbox row (last_heartbeat_at, boot/seq, status, report details) is the caller's business,
+-- because only a heartbeat is a liveness signal. A read the backend initiated proves the backend
+-- can reach the agent, not that the agent can reach the backend.
+--
+-- p_report has the shape documented above (containers / instances / full_list / docker_error).
+-- p_source is 'heartbeat' or 'dtma'; it names the transitions' source (the state machine has rows
+-- for both) and decides whether absences count:
+--   * heartbeat: a container-format list is the full truth; a container missing from two
+--     consecutive heartbeats (>= one interval apart) fails its instance;
+--   * dtma: absences never count. A user can fire reads seconds apart, and two clicks on
+--     "refresh" must not do what the two-heartbeat rule exists to prevent.
+-- The caller must hold the toolbox row lock (FOR UPDATE), which serialises all reconciliation of
+-- one toolbox. Returns {matched, transitions, rejected, unmanaged: [...]}.
+-- ---------------------------------------------------------------------------------------------
+create or replace function public.cp_reconcile_toolbox(p_toolbox_id uuid, p_report jsonb, p_source text)
 returns jsonb
 language plpgsql
 set search_path = public, pg_temp
 as $$
 declare
-  v_box public.account_tool_environments;
+  v_source public.instance_event_source_enum;
   v_obs jsonb;
   v_rejected int;
   v_unmanaged jsonb;
   v_transitions int := 0;
-  v_recovered boolean;
   v_row public.account_tool_instances;
   v_obs_row record;
 begin
-  select * into v_box from public.account_tool_environments
-   where dtma_token_sha256 = decode(p_token_sha256, 'hex')
-   for update;
-  if not found then
-    perform public.cp_raise('MC401', 'unknown toolbox token');
+  if p_source not in ('heartbeat', 'dtma') then
+    perform public.cp_raise('MC400', format('reports come from a heartbeat or a DTMA read, not %s', p_source));
   end if;
-  if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
-    perform public.cp_raise('MC409', format('toolbox is %s; heartbeats are not accepted', v_box.status),
-                            jsonb_build_object('toolbox_status', v_box.status));
-  end if;
-
-  -- Ordering: a beat from the same agent run that is not newer than the last applied one is a
-  -- duplicate or arrived late; acknowledge it and change nothing.
-  if p_report->>'boot_id' is not null and p_report->>'seq' is not null
-     and v_box.dtma_boot_id = p_report->>'boot_id'
-     and v_box.dtma_last_seq >= (p_report->>'seq')::bigint then
-    return jsonb_build_object('toolbox_id', v_box.id, 'ignored', true,
-                              'reason', 'sequence not newer than the last applied heartbeat');
-  end if;
+  v_source := p_source::public.instance_event_source_enum;
 
   -- Observations: one per instance of THIS toolbox that the report mentions.
   select coalesce(jsonb_agg(o), '[]') into v_obs from (
@@ -60,20 +66,20 @@ begin
            c->>'container_id' as container_id, c->'runtime' as runtime
       from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
       join public.account_tool_instances i
-        on i.account_tool_environment_id = v_box.id
+        on i.account_tool_environment_id = p_toolbox_id
        and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names'))
     union all
     select i.id, x->>'target', x->>'message', null, x->'runtime'
       from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
       join public.account_tool_instances i
-        on i.id = (x->>'id')::uuid and i.account_tool_environment_id = v_box.id
+        on i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id
   ) o;
 
   -- W1: instance-format items naming an instance that is not on this toolbox change nothing.
   select count(*) into v_rejected
     from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
    where not exists (select 1 from public.account_tool_instances i
-                     where i.id = (x->>'id')::uuid and i.account_tool_environment_id = v_box.id);
+                     where i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id);
 
   -- Containers that match no instance: the DTMA itself, other software on the droplet.
   select coalesce(jsonb_agg(jsonb_build_object('names', c->'names', 'image', c->'runtime'->'image',
@@ -81,7 +87,7 @@ begin
     into v_unmanaged
     from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
    where not exists (select 1 from public.account_tool_instances i
-                     where i.account_tool_environment_id = v_box.id
+                     where i.account_tool_environment_id = p_toolbox_id
                        and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names')));
 
   -- What the report says about each container, written only when it changed (the Docker status
@@ -106,28 +112,29 @@ begin
      where o.target is not null and i.status_on_toolbox::text <> o.target
        and exists (select 1 from public.instance_status_transitions t
                    where t.from_status = i.status_on_toolbox and t.to_status::text = o.target
-                     and t.source = 'heartbeat')
+                     and t.source = v_source)
      order by i.id
        for update of i
   loop
     perform public.cp_apply_instance_transition(
-      v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, 'heartbeat',
+      v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, v_source,
       v_obs_row.message);
     v_transitions := v_transitions + 1;
   end loop;
 
-  -- Level-triggered reconciliation: a full container list that omits a container we expect to
-  -- exist counts one miss; two consecutive misses make it an error (one miss can be a race with
-  -- a deploy or a removal in flight).
-  if coalesce((p_report->>'full_list')::boolean, false) and p_report->>'docker_error' is null then
+  -- Level-triggered reconciliation (heartbeats only, see above): a full container list that
+  -- omits a container we expect to exist counts one miss; two consecutive misses make it an
+  -- error (one miss can be a race with a deploy or a removal in flight).
+  if v_source = 'heartbeat' and coalesce((p_report->>'full_list')::boolean, false)
+     and p_report->>'docker_error' is null then
     update public.account_tool_instances i
        set missing_heartbeats = i.missing_heartbeats + 1
-     where i.account_tool_environment_id = v_box.id
+     where i.account_tool_environment_id = p_toolbox_id
        and i.status_on_toolbox in ('running', 'stopped')
        and not exists (select 1 from jsonb_to_recordset(v_obs) as o(instance_id uuid) where o.instance_id = i.id);
     for v_row in
       select * from public.account_tool_instances i
-       where i.account_tool_environment_id = v_box.id and i.missing_heartbeats >= 2
+       where i.account_tool_environment_id = p_toolbox_id and i.missing_heartbeats >= 2
          and i.status_on_toolbox in ('running', 'stopped')
        order by i.id
          for update
@@ -140,16 +147,55 @@ begin
     end loop;
   end if;
 
+  return jsonb_build_object('matched', jsonb_array_length(v_obs), 'transitions', v_transitions,
+                            'rejected', v_rejected, 'unmanaged', v_unmanaged);
+end
+$$;
+
+-- The heartbeat: lock the toolbox by its token, apply ordering, reconcile its instances, then
+-- record the liveness signal on the toolbox row (the part a DTMA read must never do).
+create or replace function public.cp_ingest_heartbeat(p_token_sha256 text, p_report jsonb)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_box public.account_tool_environments;
+  v_result jsonb;
+  v_recovered boolean;
+begin
+  select * into v_box from public.account_tool_environments
+   where dtma_token_sha256 = decode(p_token_sha256, 'hex')
+   for update;
+  if not found then
+    perform public.cp_raise('MC401', 'unknown toolbox token');
+  end if;
+  if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
+    perform public.cp_raise('MC409', format('toolbox is %s; heartbeats are not accepted', v_box.status),
+                            jsonb_build_object('toolbox_status', v_box.status));
+  end if;
+
+  -- Ordering: a beat from the same agent run that is not newer than the last applied one is a
+  -- duplicate or arrived late; acknowledge it and change nothing.
+  if p_report->>'boot_id' is not null and p_report->>'seq' is not null
+     and v_box.dtma_boot_id = p_report->>'boot_id'
+     and v_box.dtma_last_seq >= (p_report->>'seq')::bigint then
+    return jsonb_build_object('toolbox_id', v_box.id, 'ignored', true,
+                              'reason', 'sequence not newer than the last applied heartbeat');
+  end if;
+
+  v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'heartbeat');
+
   v_recovered := v_box.status = 'unresponsive';
   update public.account_tool_environments
      set last_heartbeat_at = now(),
          dtma_last_known_version = left(p_report->>'dtma_version', 64),
          dtma_health_details_json = p_report->'system_status',
          dtma_report_details_json = jsonb_build_object(
-           'unmanaged_containers', v_unmanaged,
+           'unmanaged_containers', v_result->'unmanaged',
            'docker', case when p_report->>'docker_error' is null then jsonb_build_object('healthy', true)
                           else jsonb_build_object('healthy', false, 'error', p_report->>'docker_error') end,
-           'rejected_items', v_rejected,
+           'rejected_items', (v_result->>'rejected')::int,
            'extra', coalesce(p_report->'extra', '{}')),
          dtma_boot_id = coalesce(p_report->>'boot_id', dtma_boot_id),
          dtma_last_seq = case when p_report->>'boot_id' is null then dtma_last_seq
@@ -175,8 +221,39 @@ begin
 
   return jsonb_build_object(
     'toolbox_id', v_box.id, 'ignored', false, 'previous_status', v_box.status,
-    'matched', jsonb_array_length(v_obs), 'transitions', v_transitions,
-    'rejected', v_rejected, 'unmanaged', jsonb_array_length(v_unmanaged));
+    'matched', v_result->'matched', 'transitions', v_result->'transitions',
+    'rejected', v_result->'rejected', 'unmanaged', jsonb_array_length(v_result->'unmanaged'));
+end
+$$;
+
+-- mcp_status?refresh=true: apply what the toolbox's DTMA answered to GET /tools/status. The
+-- toolbox must be the caller's (else "not found", like a missing one) and its row is locked, so
+-- a refresh and a heartbeat of the same toolbox apply one after the other. Nothing on the
+-- toolbox row changes: see cp_reconcile_toolbox.
+create or replace function public.cp_refresh_from_dtma(p_user_id uuid, p_toolbox_id uuid, p_report jsonb)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_box public.account_tool_environments;
+  v_result jsonb;
+begin
+  select * into v_box from public.account_tool_environments
+   where id = p_toolbox_id and user_id = p_user_id
+   for update;
+  if not found then
+    perform public.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
+  end if;
+  if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
+    perform public.cp_raise('MC409', format('toolbox %s is %s; its reports are not applied', v_box.name,
+                                            replace(v_box.status::text, '_', ' ')),
+                            jsonb_build_object('toolbox_status', v_box.status));
+  end if;
+  v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'dtma');
+  return jsonb_build_object('toolbox_id', v_box.id, 'matched', v_result->'matched',
+                            'transitions', v_result->'transitions',
+                            'unmanaged', jsonb_array_length(v_result->'unmanaged'));
 end
 $$;
 

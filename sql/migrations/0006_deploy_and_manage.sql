@@ -216,11 +216,8 @@ begin
     jsonb_build_object('deployed_via', 'deploy_mcp_server', 'deployed_at', now()))
   returning * into v_row;
 
-  insert into public.account_tool_instance_events
-    (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-     from_status, to_status, source, message)
-  values (v_row.id, v_box.id, v_name, null, 'pending_deploy', 'api',
-          format('deploy of %s requested', v_row.docker_image_url));
+  perform public.cp_append_event(v_row, null, 'pending_deploy', 'api',
+                                 format('deploy of %s requested', v_row.docker_image_url));
   v_row := public.cp_apply_instance_transition(
     v_row, 'deploying', 'api',
     format('asked the toolbox agent to pull %s and start it on port %s', v_row.docker_image_url, v_port));
@@ -293,20 +290,10 @@ begin
      where id = p_instance_id
     returning * into v_row;
   end if;
-  if v_row.status_on_toolbox::text <> p_expected then
-    -- A heartbeat got there first (e.g. it already saw the container running): the newer
-    -- truth stands, and the DTMA's answer is history.
-    insert into public.account_tool_instance_events
-      (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-       from_status, to_status, source, message)
-    values (v_row.id, v_row.account_tool_environment_id, v_row.instance_name_on_toolbox,
-            v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
-  elsif p_to is null or p_to = p_expected then
-    insert into public.account_tool_instance_events
-      (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-       from_status, to_status, source, message)
-    values (v_row.id, v_row.account_tool_environment_id, v_row.instance_name_on_toolbox,
-            v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
+  if v_row.status_on_toolbox::text <> p_expected or p_to is null or p_to = p_expected then
+    -- No answer in time (p_to null), or a heartbeat got there first (the status is no longer
+    -- the expected one): the newer truth stands and the DTMA's answer is history.
+    perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
   else
     v_row := public.cp_apply_instance_transition(
       v_row, p_to::public.account_tool_installation_status_enum, 'api', p_message);
@@ -334,11 +321,7 @@ begin
                                             v_row.status_on_toolbox),
                             jsonb_build_object('status', v_row.status_on_toolbox));
   end if;
-  insert into public.account_tool_instance_events
-    (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-     from_status, to_status, source, message)
-  values (v_row.id, v_row.account_tool_environment_id, v_row.instance_name_on_toolbox,
-          'deleting', null, 'api', p_message);
+  perform public.cp_append_event(v_row, 'deleting', null, 'api', p_message);
   delete from public.account_tool_instances where id = p_instance_id;
   return jsonb_build_object('id', v_row.id, 'name', v_row.instance_name_on_toolbox, 'removed', true);
 end

@@ -20,7 +20,7 @@ from shared.auth import authenticate
 from shared.dtma import AddressRefused, DtmaError
 from shared.errors import ApiError
 from shared.http import Call, Reply
-from shared.logging import request_secrets
+from shared.logging import redact, request_secrets
 from shared.models import DeployRequest, parse
 from shared.outcomes import Outcome, from_dtma_error
 from shared.runtime import Runtime
@@ -93,12 +93,14 @@ def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
         outcome = Outcome(lifecycle.Status.ERROR, exc.message, 409, "toolbox_address_refused")
     except DtmaError as exc:
         outcome = from_dtma_error(exc, action="deploy", name=name)
+    # The agent's words may quote the request's env values (secrets: never stored or returned).
+    message = redact(outcome.message)
     rt.db.call("cp_settle", p_instance_id=instance["id"], p_expected="deploying",
-               p_to=outcome.to.value if outcome.to else None, p_message=outcome.message,
+               p_to=outcome.to.value if outcome.to else None, p_message=message,
                p_container_id=container_id, p_runtime=runtime_details)
     view = status.read_server(rt, user_id, instance["id"])
     if outcome.http_status >= 400:
-        raise ApiError(outcome.http_status, outcome.code, outcome.message, {"server": view})
+        raise ApiError(outcome.http_status, outcome.code, message, {"server": view})
     return Reply(outcome.http_status, view)
 
 

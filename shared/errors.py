@@ -71,6 +71,7 @@ SQLSTATE_STATUS: dict[str, tuple[int, str]] = {
     "23503": (404, "not_found"),
     "22P02": (400, "invalid_request"),
     "22023": (400, "invalid_request"),
+    "22P05": (400, "invalid_request"),  # \u0000 in a JSON value: PostgreSQL text cannot hold it
 }
 
 

@@ -70,11 +70,22 @@ class Heartbeat(_Item):
     seq: int | None = Field(default=None, ge=0, le=2**62)
 
 
+_HEARTBEAT_FIELDS = frozenset(Heartbeat.model_fields)
+
+
 def _field_error(exc: ValidationError, prefix: str = "") -> ApiError:
     first = exc.errors()[0]
     where = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
     return ApiError(400, "invalid_heartbeat", f"{where or 'body'}: {first['msg']}",
                     {"field": where, "problems": len(exc.errors())})
+
+
+def _port_json(port: Port) -> dict[str, Any]:
+    """`port.model_dump(exclude_none=True)`; without extra fields (always, from a real DTMA) the
+    declared scalar fields are copied directly, which is what model_dump does, minus its overhead."""
+    if port.__pydantic_extra__:
+        return port.model_dump(exclude_none=True)
+    return {k: v for k, v in port.__dict__.items() if v is not None}
 
 
 def container_observation(item: ContainerSummary) -> dict[str, Any]:
@@ -83,7 +94,7 @@ def container_observation(item: ContainerSummary) -> dict[str, Any]:
     target, message = lifecycle.observed_from_docker(item.state, item.status, names[0])
     runtime = {"state": item.state, "status": item.status, "image": item.image,
                "exit_code": lifecycle.exit_code(item.status),
-               "ports": [p.model_dump(exclude_none=True) for p in item.ports]}
+               "ports": [_port_json(p) for p in item.ports]}
     return {"names": names, "target": target, "message": message, "container_id": item.id, "runtime": runtime}
 
 
@@ -118,7 +129,7 @@ def build_report(body: Any) -> dict[str, Any]:
                                "(account_tool_instance_id, status_on_toolbox)", {"field": where})
         except ValidationError as exc:
             raise _field_error(exc, where + ".") from None
-    known = set(Heartbeat.model_fields)
+    known = _HEARTBEAT_FIELDS
     return {
         "dtma_version": beat.dtma_version,
         "system_status": beat.system_status,

@@ -192,7 +192,10 @@ def exit_code(status_text: str) -> int | None:
 
 def observed_from_docker(state: str, status_text: str, name: str) -> tuple[Status | None, str]:
     """The status a container summary asks for, and the sentence recorded with it."""
-    target, message = DOCKER_STATES.get(state, (None, f"container {{name}} is in unknown Docker state {state!r}"))
+    if state not in DOCKER_STATES:
+        # Not through str.format: the state is the agent's text and may hold braces.
+        return None, f"container {name} is in unknown Docker state {state!r}"
+    target, message = DOCKER_STATES[state]
     if state == "exited":
         code = exit_code(status_text)
         if code not in (None, 0):

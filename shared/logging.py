@@ -19,7 +19,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from shared.config import Settings
 
@@ -33,11 +33,13 @@ _PATTERNS = (
 _process_secrets: set[str] = set()
 _request_secrets: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("request_secrets", default=())
 _configured = False
+# Where request_secrets leaves its values on an exception escaping it (see there).
+_EXCEPTION_SECRETS = "_mcp_request_secrets"
 
 
-def redact(text: str) -> str:
+def redact(text: str, extra: Iterable[str] = ()) -> str:
     """`text` with every known secret and secret-shaped token replaced."""
-    for secret in (*_process_secrets, *_request_secrets.get()):
+    for secret in (*_process_secrets, *_request_secrets.get(), *extra):
         if secret and secret in text:
             text = text.replace(secret, REDACTED)
     text = _PATTERNS[0].sub(r"\1" + REDACTED, text)
@@ -54,9 +56,16 @@ def register_secrets(values: Iterable[str]) -> None:
 @contextmanager
 def request_secrets(values: Iterable[str]) -> Iterator[None]:
     """Secrets that exist only for one request (a deploy's env values, a toolbox token)."""
-    token = _request_secrets.set(tuple(v for v in values if v and len(v) >= 4))
+    secrets = tuple(v for v in values if v and len(v) >= 4)
+    token = _request_secrets.set(secrets)
     try:
         yield
+    except Exception as exc:
+        # An unexpected exception is logged with its traceback after this block has ended (by
+        # shared.http.serve), when these secrets are no longer current: it carries them along.
+        with suppress(AttributeError):
+            setattr(exc, _EXCEPTION_SECRETS, (*getattr(exc, _EXCEPTION_SECRETS, ()), *secrets))
+        raise
     finally:
         _request_secrets.reset(token)
 
@@ -66,11 +75,12 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        extra = getattr(record.exc_info[1], _EXCEPTION_SECRETS, ()) if record.exc_info else ()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        record.msg, record.args = redact(message), None
+            record.exc_text = redact(record.exc_text, extra)
+        record.msg, record.args = redact(message, extra), None
         fields = getattr(record, "json_fields", None)
         if isinstance(fields, dict):
             record.json_fields = {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}

@@ -60,7 +60,7 @@ class DeployRequest(_Strict):
     @field_validator("name")
     @classmethod
     def _container_name(cls, value: str) -> str:
-        if not CONTAINER_NAME.match(value):
+        if not CONTAINER_NAME.fullmatch(value):
             raise ValueError("must be 1-63 characters: letters, digits, '_', '.', '-', starting with a letter or "
                              "digit (Docker container name rules)")
         return value
@@ -68,7 +68,7 @@ class DeployRequest(_Strict):
     @field_validator("image")
     @classmethod
     def _image_reference(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) > 255 or not IMAGE_REFERENCE.match(value)):
+        if value is not None and (len(value) > 255 or not IMAGE_REFERENCE.fullmatch(value)):
             raise ValueError("is not a valid Docker image reference (e.g. mcp/github:latest or "
                              "ghcr.io/org/server@sha256:...)")
         return value
@@ -76,7 +76,7 @@ class DeployRequest(_Strict):
     @field_validator("endpoint_path")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if not ENDPOINT_PATH.match(value) or "/../" in value + "/" or "//" in value:
+        if not ENDPOINT_PATH.fullmatch(value) or "/../" in value + "/" or "//" in value:
             raise ValueError("must be an absolute URL path such as /mcp")
         return value
 
@@ -84,7 +84,7 @@ class DeployRequest(_Strict):
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         for name, item in value.items():
-            if not ENV_NAME.match(name):
+            if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"variable name {name[:40]!r} must be letters, digits and '_', not starting "
                                  "with a digit")
             if "\x00" in item:

@@ -34,8 +34,8 @@ import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
@@ -44,10 +44,14 @@ from shared import lifecycle
 from shared.auth import JwtVerifier, authenticate
 from shared.config import Settings
 from shared.db import Database
-from shared.dtma import DtmaClient, DtmaError
 from shared.errors import ApiError
-from shared.heartbeat import ContainerSummary, container_observation
 from shared.http import Call, Reply
+
+if TYPE_CHECKING:
+    # Only `refresh=true` talks to a DTMA: httpx and the heartbeat's models (~16 ms of a cold start)
+    # are imported on that path, not by every mcp_status instance at start.
+    from shared.dtma import DtmaClient
+    from shared.heartbeat import ContainerSummary
 
 log = logging.getLogger("mcp.status")
 
@@ -129,9 +133,11 @@ def decode_cursor(token: str | None) -> dict[str, str] | None:
         return None
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        datetime.fromisoformat(data["created_at"])
-        return {"created_at": data["created_at"], "id": str(UUID(data["id"]))}
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+        when = datetime.fromisoformat(data["created_at"])
+        # In UTC: a forged offset PostgreSQL cannot take (e.g. +20:00) must not reach the SQL.
+        when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+        return {"created_at": when.isoformat(), "id": str(UUID(data["id"]))}
+    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError, AttributeError, OverflowError):
         raise _bad("cursor", "is not a cursor this API issued; pass next_cursor back unchanged") from None
 
 
@@ -187,7 +193,8 @@ def _body(call: Call) -> StatusRequest:
             raise ApiError(422, "unknown_fields", "unknown field(s): " + ", ".join(unknown) + "; allowed: "
                            + ", ".join(_PARAMS), {"fields": unknown}) from None
         first = exc.errors()[0]
-        raise _bad(str(first["loc"][0]), first["msg"]) from None
+        # A key pydantic cannot read (e.g. a lone surrogate) has no location.
+        raise _bad(str(first["loc"][0]) if first["loc"] else "body", first["msg"]) from None
 
 
 def parse_query(call: Call) -> Query:
@@ -291,6 +298,8 @@ def _summary(item: Any) -> ContainerSummary | None:
     Docker's raw port keys (`IP`, `PrivatePort`, ...) become the heartbeat's snake_case ones and
     `status` (the Docker *state* here) becomes `state`; the read carries no status text.
     """
+    from shared.heartbeat import ContainerSummary
+
     if not isinstance(item, dict) or not isinstance(item.get("instance_name_on_toolbox"), str):
         return None
     raw_ports = item.get("ports") if isinstance(item.get("ports"), list) else []
@@ -307,6 +316,8 @@ def _summary(item: Any) -> ContainerSummary | None:
 
 def report_from_tool_status(answer: dict[str, Any]) -> dict[str, Any]:
     """`GET /tools/status` as a reconciliation report (the heartbeat's shape, containers only)."""
+    from shared.heartbeat import container_observation
+
     containers = []
     for item in answer["tool_instances"]:
         summary = _summary(item)
@@ -355,6 +366,8 @@ def refresh(items: list[dict[str, Any]], user_id: str, deps: Deps) -> dict[str, 
 
 
 def _apply(future: Future[dict[str, Any]], box: dict[str, Any], user_id: str, db: Database) -> dict[str, Any]:
+    from shared.dtma import DtmaError
+
     try:
         answer = future.result()
     except DtmaError as exc:

@@ -37,10 +37,12 @@ def _adapt(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _statement(function: str, names: tuple[str, ...]) -> sql.Composed:
+def _statement(function: str, names: tuple[str, ...]) -> str:
+    """`select public."cp_x"("p_a" => %(p_a)s, ...)`, rendered once: a Composed would be rendered again
+    on every execute. The names passed check_call, so rendering needs no connection."""
     args = sql.SQL(", ").join(
         sql.SQL("{} => {}").format(sql.Identifier(n), sql.Placeholder(n)) for n in names)
-    return sql.SQL("select public.{}({})").format(sql.Identifier(function), args)
+    return sql.SQL("select public.{}({})").format(sql.Identifier(function), args).as_string(None)
 
 
 def translate(exc: psycopg.Error) -> Exception:

@@ -169,6 +169,8 @@ def handle(call: Call, db: Any) -> Reply:
         raise
     call.log_fields.update({"toolbox_id": result["toolbox_id"], "ignored": result["ignored"],
                             **{k: result.get(k) for k in ("matched", "transitions", "rejected", "unmanaged")}})
+    changed = result.get("transitions") or result.get("rejected") or result.get("previous_status") != "active"
+    call.routine = not changed
     if result.get("rejected"):
         log.warning("heartbeat from toolbox %s named %d instance(s) of other toolboxes; ignored them",
                     result["toolbox_id"], result["rejected"])

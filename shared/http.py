@@ -54,6 +54,9 @@ class Call:
     request_id: str
     path: str
     log_fields: dict[str, Any] = field(default_factory=dict)
+    # A routine success (a heartbeat that changed nothing) is logged at DEBUG: at fleet scale one
+    # INFO line per beat is most of the log volume, and Cloud Run logs every request anyway.
+    routine: bool = False
 
     @property
     def method(self) -> str:
@@ -215,6 +218,7 @@ def serve(
     elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
     fields = {"request_id": request_id, "function": function_name, "method": request.method,
               "path": call.path, "status": response.status_code, "duration_ms": elapsed_ms, **call.log_fields}
-    log.info("%s %s %s -> %s in %.1f ms", function_name, request.method, call.path, response.status_code,
-             elapsed_ms, extra={"json_fields": fields})
+    level = logging.DEBUG if call.routine and response.status_code < 400 else logging.INFO
+    log.log(level, "%s %s %s -> %s in %.1f ms", function_name, request.method, call.path, response.status_code,
+            elapsed_ms, extra={"json_fields": fields})
     return response

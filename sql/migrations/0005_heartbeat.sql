@@ -60,14 +60,19 @@ begin
   end if;
   v_source := p_source::public.instance_event_source_enum;
 
-  -- Observations: one per instance of THIS toolbox that the report mentions.
+  -- Observations: one per instance of THIS toolbox that the report mentions. Each container name
+  -- is one probe of uq_instance_name_per_toolbox (O(containers), not containers x instances); if
+  -- two containers claim one instance, the first in the report wins.
   select coalesce(jsonb_agg(o), '[]') into v_obs from (
-    select distinct on (i.id) i.id as instance_id, c->>'target' as target, c->>'message' as message,
-           c->>'container_id' as container_id, c->'runtime' as runtime
-      from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
-      join public.account_tool_instances i
-        on i.account_tool_environment_id = p_toolbox_id
-       and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names'))
+    select * from (
+      select distinct on (i.id) i.id as instance_id, c.value->>'target' as target, c.value->>'message' as message,
+             c.value->>'container_id' as container_id, c.value->'runtime' as runtime
+        from jsonb_array_elements(coalesce(p_report->'containers', '[]')) with ordinality c(value, ord)
+        cross join lateral jsonb_array_elements_text(c.value->'names') n(name)
+        join public.account_tool_instances i
+          on i.account_tool_environment_id = p_toolbox_id and i.instance_name_on_toolbox = n.name
+       order by i.id, c.ord
+    ) by_name
     union all
     select i.id, x->>'target', x->>'message', null, x->'runtime'
       from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
@@ -81,14 +86,15 @@ begin
    where not exists (select 1 from public.account_tool_instances i
                      where i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id);
 
-  -- Containers that match no instance: the DTMA itself, other software on the droplet.
+  -- Containers that match no instance: the DTMA itself, other software on the droplet (one
+  -- index-only probe per name).
   select coalesce(jsonb_agg(jsonb_build_object('names', c->'names', 'image', c->'runtime'->'image',
                                                'state', c->'runtime'->'state')), '[]')
     into v_unmanaged
     from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
-   where not exists (select 1 from public.account_tool_instances i
-                     where i.account_tool_environment_id = p_toolbox_id
-                       and i.instance_name_on_toolbox in (select jsonb_array_elements_text(c->'names')));
+   where not exists (select 1 from jsonb_array_elements_text(c->'names') n(name)
+                       join public.account_tool_instances i
+                         on i.account_tool_environment_id = p_toolbox_id and i.instance_name_on_toolbox = n.name);
 
   -- What the report says about each container, written only when it changed (the Docker status
   -- text, "Up 5 minutes", changes every beat and is not worth a row write and a Realtime event).

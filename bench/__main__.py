@@ -1,0 +1,462 @@
+"""Run every benchmark of the project, write docs/benchmarks.md and the README's capacity model.
+
+    PYTHONPATH=. python -m bench            # the whole set, ~6-8 min on 2 cores
+    PYTHONPATH=. python -m bench --quick    # fewer/shorter runs, to check the harness (~3 min)
+
+Order: heartbeat (bench/heartbeat.py), deploy (bench/deploy.py), then one shared database and set of
+DTMA stand-ins for cold start (bench/coldstart.py), memory (bench/memory.py) and the served
+mcp_status (bench/status.py), then the sweep at 10,000 toolboxes / 100,000 instances
+(bench/sweep.py, run as its own process, output kept verbatim), then the load test (bench/load.py)
+when it exists and takes a duration option. Every figure is printed with its floor (the no-op
+function, bench/noop, served the same way in the same run) and the ratio; figures are medians over
+several runs; nothing here asserts a time. Load goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import coldstart, deploy, heartbeat, memory, status
+from bench.common import ROOT, World, machine, table
+
+DOCS = ROOT / "docs"
+RESULTS = Path(tempfile.gettempdir()) / "mcp-bench-results.json"
+CLOUD_RUN_CONCURRENCY = 40
+CLOUD_RUN_TARGET_CPU = 0.6  # Cloud Run scales out before an instance's CPU passes ~60%
+
+
+def run_sweep(quick: bool) -> dict[str, Any]:
+    args = ["--runs", "3", "--reads", "100"] if quick else ["--runs", "5", "--reads", "300"]
+    command = [sys.executable, str(ROOT / "bench" / "sweep.py"), *args]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=str(ROOT), timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = done.stdout + (f"\n[stderr]\n{done.stderr[-2000:]}" if done.returncode else "")
+    figures: dict[str, Any] = {"returncode": done.returncode, "elapsed_s": time.perf_counter() - started}
+    batches = re.findall(r"cp_sweep\(210, 900, 600, 120, (\d+), 0\.5\)\n\s+median\s+([\d.]+) ms", out)
+    for batch, value in batches:
+        figures.setdefault(f"sweep_batch_{batch}", []).append(float(value))
+    if len(batches) >= 3:
+        figures["changing_500_ms"] = float(batches[0][1])
+        figures["changing_all_ms"] = float(batches[1][1])
+        figures["noop_ms"] = float(batches[2][1])
+    changed = re.search(r"changed: (\d+) toolboxes -> unresponsive \(\+(\d+) instance events\), (\d+) first-contact "
+                        r"failures, (\d+) deadlines", out.split("20000, 0.5)")[1] if "20000, 0.5)" in out else "")
+    if changed:
+        figures["changed"] = [int(g) for g in changed.groups()]
+    lists = re.findall(r"p50\s+([\d.]+) ms\s+p99\s+([\d.]+) ms", out)
+    if len(lists) >= 2:
+        figures["list_sql"], figures["list_app"] = [tuple(map(float, x)) for x in lists[:2]]
+    seeded = re.search(r"seeded ([\d,]+) toolboxes, ([\d,]+) instances", out)
+    if seeded:
+        figures["seeded"] = seeded.groups()
+    return {"command": "PYTHONPATH=. python bench/sweep.py " + " ".join(args), "output": out, "figures": figures}
+
+
+def run_load_test(quick: bool) -> dict[str, Any]:
+    path = ROOT / "bench" / "load.py"
+    if not path.exists():
+        return {"skipped": "bench/load.py does not exist in this tree"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    helped = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=str(ROOT),
+                            timeout=120, env=env)
+    option = next((o for o in ("--duration", "--seconds") if o in helped.stdout), None)
+    if helped.returncode or option is None:
+        return {"skipped": "bench/load.py has no --duration/--seconds option; not run (a load test without a "
+                           "bound does not belong in a bounded run)"}
+    # At least 3 heartbeat intervals (its own check); its figures go into docs/benchmarks.md, not over
+    # docs/load.md, which keeps the load test's own full-length run.
+    command = [sys.executable, str(path), option, "20" if quick else "30"]
+    if "--docs" in helped.stdout:
+        command += ["--docs", ""]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=str(ROOT), timeout=600, env=env)
+    shown = " ".join(shlex.quote(a) for a in command[2:])
+    return {"command": f"PYTHONPATH=. python bench/load.py {shown}", "returncode": done.returncode,
+            "output": (done.stdout + ("\n[stderr]\n" + done.stderr[-3000:] if done.returncode else ""))[-20000:]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (checks the harness)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="subset: heartbeat deploy coldstart memory status sweep load")
+    args = parser.parse_args()
+    quick = args.quick
+    only = set(args.only or ["heartbeat", "deploy", "coldstart", "memory", "status", "sweep", "load"])
+    started = time.perf_counter()
+    results: dict[str, Any] = {"command": "PYTHONPATH=. python -m bench" + (" --quick" if quick else "")
+                               + (" --only " + " ".join(sorted(only)) if args.only else ""),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    runs = 2 if quick else 3
+    if "heartbeat" in only:
+        print("== heartbeat", flush=True)
+        results["heartbeat"] = heartbeat.run(toolboxes=5000, load_toolboxes=256, duration=3 if quick else 4,
+                                             runs=runs)
+    if "deploy" in only:
+        print("== deploy", flush=True)
+        results["deploy"] = deploy.run(sequential=80 if quick else 150, duration=4 if quick else 5, runs=runs)
+    if only & {"coldstart", "memory", "status"}:
+        with World() as world:
+            results.setdefault("postgres", world.pg.version())
+            if "coldstart" in only:
+                print("== cold start", flush=True)
+                results["coldstart"] = coldstart.run(runs=3 if quick else 5, world=world)
+            if "memory" in only:
+                print("== memory", flush=True)
+                results["memory"] = memory.run(burst=3 if quick else 4, world=world)
+            if "status" in only:
+                print("== mcp_status served", flush=True)
+                results["status"] = status.run(duration=3 if quick else 4, runs=runs, world=world)
+    if "sweep" in only:
+        print("== sweep (bench/sweep.py)", flush=True)
+        results["sweep"] = run_sweep(quick)
+    if "load" in only:
+        print("== load (bench/load.py)", flush=True)
+        results["load"] = run_load_test(quick)
+    pg_version = results.get("postgres") or results.get("heartbeat", {}).get("postgres") \
+        or results.get("deploy", {}).get("postgres")
+    results["machine"] = machine(pg_version)
+    results["elapsed_s"] = time.perf_counter() - started
+    RESULTS.write_text(json.dumps(results, indent=1, default=str))
+    if only >= {"heartbeat", "deploy", "coldstart", "memory", "status", "sweep"}:
+        DOCS.mkdir(exist_ok=True)
+        (DOCS / "benchmarks.md").write_text(render_benchmarks(results))
+        write_readme_capacity(render_capacity(results))
+        print(f"wrote docs/benchmarks.md and README.md's capacity model in {results['elapsed_s']:.0f} s; "
+              f"raw results {RESULTS}")
+    else:
+        print(f"partial run ({' '.join(sorted(only))}): docs not rewritten; raw results {RESULTS}")
+
+
+# --- docs/benchmarks.md ---------------------------------------------------------------------------
+
+def _machine_lines(m: dict[str, Any], command: str, elapsed: float) -> list[str]:
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    return [f"Command: `{command}` (from the repository root; took {elapsed / 60:.1f} min).", "",
+            f"Machine: {m['cores']} cores ({m['cpu'] or 'unknown CPU'}), {m['memory_gib']} GiB, {m['os']}; "
+            f"Python {m['python']}; PostgreSQL {m['postgres']} (embedded, `pgserver`, Unix socket, "
+            f"on the same cores as everything else); load generator: `{m['load_tool']}`; {packages}.", ""]
+
+
+def render_benchmarks(r: dict[str, Any]) -> str:
+    hb, dp, cs, mem, st, sw = (r[k] for k in ("heartbeat", "deploy", "coldstart", "memory", "status", "sweep"))
+    lines = ["# Benchmarks", "",
+             "Generated by `python -m bench` (bench/__main__.py); do not edit by hand. Every figure has its floor, "
+             "measured in the same run: the no-op function `bench/noop/main.py` (imports functions_framework only, "
+             "answers 204), served the same way, i.e. `functions-framework --target X --source ...` (gunicorn, 1 "
+             "worker, threads = 4 x cores) on a loopback port. Figures are medians over several runs (each run a "
+             "freshly started function); no test asserts a time.", ""]
+    lines += _machine_lines(r["machine"], r["command"], r["elapsed_s"])
+    lines += ["Everything runs on the same two cores: the load generator, the function and PostgreSQL. On Cloud Run "
+              "the database is elsewhere and each instance has its own vCPU, so throughput ratios here are a lower "
+              "bound; the CPU-time-per-request figures (function and database separately) are what transfers, and "
+              "are what the README's capacity model uses.", ""]
+    lines += _summary_table(r)
+    lines += _heartbeat_section(hb)
+    lines += _deploy_section(dp)
+    lines += _coldstart_section(cs)
+    lines += _memory_section(mem)
+    lines += _status_section(st)
+    lines += _sweep_section(sw)
+    lines += _load_section(r.get("load", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _summary_table(r: dict[str, Any]) -> list[str]:
+    hb = r["heartbeat"]["summary"]
+    best = max((c for c in hb["heartbeat"] if c.isdigit()), key=lambda c: hb["heartbeat"][c]["rps"])
+    h, n, o = hb["heartbeat"][best], hb["noop"][best], hb["original"][best]
+    dp = r["deploy"]["summary"]
+    cs = r["coldstart"]["summary"]
+    worst_cold = max((v["cold_ratio"], k) for k, v in cs.items() if k != "noop")
+    peak = max(v["after_burst"]["total_peak"] for v in r["memory"]["results"].values())
+    sw = r["sweep"]["figures"]
+    rows = [
+        ["heartbeat ingest, 20 containers, concurrency " + best, f"{h['rps']:,.0f} hb/s",
+         f"no-op {n['rps']:,.0f} req/s", f"{h['rps'] / n['rps']:.0%}", ">= 50% of the floor",
+         "met" if h["rps"] >= 0.5 * n["rps"] else "**not met** (see Heartbeat)"],
+        ["heartbeat ingest vs the original's access pattern", f"{h['rps']:,.0f} hb/s", f"original {o['rps']:,.0f} hb/s",
+         f"{h['rps'] / o['rps']:.1f}x", ">= 5x", "met" if h["rps"] >= 5 * o["rps"] else "**not met** (see Heartbeat)"],
+        ["deploy initiation, 60 s image pull, p99", f"{dp['deploy']['pull60_c8']['p99_ms']:,.0f} ms",
+         f"no-op {dp['noop']['pull60_c8']['p99_ms']:.1f} ms", "-", "< 2 s (answer 202 within the budget)",
+         "met" if dp["deploy"]["pull60_c8"]["p99_ms"] < 2000 else "**not met**"],
+        ["sweep changing 10% of 10k toolboxes / 100k instances", f"{sw.get('changing_all_ms', float('nan')):.0f} ms",
+         f"no-change sweep {sw.get('noop_ms', float('nan')):.1f} ms", "-", "< 1 s",
+         "met" if sw.get("changing_all_ms", 1e9) < 1000 else "**not met**"],
+        ["cold start, slowest function", f"{cs[worst_cold[1]]['cold_ms']:.0f} ms ({worst_cold[1]})",
+         f"no-op {cs['noop']['cold_ms']:.0f} ms", f"{worst_cold[0]:.2f}x", "<= 1.5x",
+         "met" if worst_cold[0] <= 1.5 else "**not met** (see Cold start)"],
+        ["memory, highest peak (master + worker)", f"{peak:.0f} MiB", "-", "-", "< 160 MiB", "met" if peak < 160 else
+         "**not met**"],
+    ]
+    return ["## Summary", "", table(["what", "measured", "floor / reference", "ratio", "target", "verdict"], rows), ""]
+
+
+def _heartbeat_section(hb: dict[str, Any]) -> list[str]:
+    s, p = hb["summary"], hb["params"]
+    lines = ["## Heartbeat ingest (`bench/heartbeat.py`)", "",
+             f"{p['toolboxes']:,} toolboxes x {p['per_toolbox']} MCP servers ({p['instances']:,} instances) in the "
+             f"database; {p['load_toolboxes']} distinct agents post the real DTMA's format (20 Docker container "
+             "summaries, all managed, steady state: nothing changed since the previous beat). The original's "
+             "pattern is bench/original_pattern.py: 1 SELECT + 1 UPDATE + 20 UPDATEs, each its own transaction, "
+             "through the same kind of pool, same database (its own toolboxes, so the ingest's stay in steady "
+             f"state), same serving. {p['runs']} runs x {p['duration']:g} s "
+             "per concurrency; medians.", ""]
+    lines += heartbeat.report_lines(hb)
+    lines += ["", "Cost per heartbeat (same runs; CPU is process CPU time divided by requests served, at each "
+              "concurrency; transactions and tuples from pg_stat deltas read after each server stopped):", ""]
+    rows = []
+    for target, label in (("heartbeat", "ingest (cp_ingest_heartbeat)"), ("original", "original pattern"),
+                          ("noop", "no-op")):
+        pr = s[target]["per_request"]
+        cs = [c for c in s[target] if c.isdigit()]
+        cpu = " / ".join(f"{s[target][c]['cpu_ms_per_request']:.2f}" for c in cs)
+        db = " / ".join(f"{s[target][c]['db_cpu_ms_per_request']:.2f}" for c in cs)
+        rows.append([label, cpu, db, f"{pr.get('xact', 0):.2f}",
+                     f"{pr.get('account_tool_environments', 0):.2f} "
+                     f"({pr.get('account_tool_environments (HOT updates)', 0):.2f} HOT)",
+                     f"{pr.get('account_tool_instances', 0):.2f}", f"{pr.get('account_tool_instance_events', 0):.2f}"])
+    lines.append(table(["per heartbeat", "function CPU ms (c=" + "/".join(cs) + ")", "PostgreSQL CPU ms",
+                        "DB transactions", "toolbox rows written", "instance rows written", "event rows written"],
+                       rows))
+    lines += ["", "### Where the time goes", ""]
+    prof = hb.get("profile") or {}
+    if prof.get("buckets"):
+        lines += [f"CPU profile of the ingest worker at concurrency 32 ({prof['tool']}, {prof['samples']:,} samples of "
+                  "the thread holding the GIL, i.e. where the one core the worker can use goes):", ""]
+        lines.append(table(["part of the request", "share of worker CPU"],
+                           [[k, f"{v:.0%}"] for k, v in prof["buckets"]]))
+        lines += ["", "Top frames by own time: " + "; ".join(f"`{k}` {v:.0%}" for k, v in prof["top_self"][:8]) + "."]
+    else:
+        lines.append(f"(profile not taken: {prof.get('note', 'unknown')})")
+    h8 = s["heartbeat"][max(c for c in s["heartbeat"] if c.isdigit())]
+    n8 = s["noop"][max(c for c in s["noop"] if c.isdigit())]
+    o8 = s["original"][max(c for c in s["original"] if c.isdigit())]
+    total_h = h8["cpu_ms_per_request"] + h8["db_cpu_ms_per_request"]
+    total_o = o8["cpu_ms_per_request"] + o8["db_cpu_ms_per_request"]
+    lines += ["", "Reading the gap. The floor spends "
+              f"{n8['cpu_ms_per_request']:.2f} ms of CPU per request (gunicorn, Flask, nothing else). A heartbeat "
+              f"costs {h8['cpu_ms_per_request']:.2f} ms in the function (strict JSON parsing and depth check of a "
+              "~6 KB body, pydantic validation of 20 container summaries, building the report and serialising it "
+              "as jsonb, the database round trip, one log line) plus "
+              f"{h8['db_cpu_ms_per_request']:.2f} ms in PostgreSQL (cp_ingest_heartbeat: lock the toolbox, match 20 "
+              "containers, compare what changed, update the toolbox row, commit), and both share these two cores "
+              "with the load generator. One gunicorn worker can use one core at a time (the GIL), so the ingest's "
+              "ceiling here is about 1 / function-CPU per second, and its database work takes the other core: 50% "
+              "of a floor that does nothing is out of reach on this machine by construction. Against the original, "
+              f"total CPU per heartbeat is {total_h:.2f} ms vs {total_o:.2f} ms ({total_o / total_h:.1f}x), "
+              "database CPU "
+              f"{o8['db_cpu_ms_per_request'] / h8['db_cpu_ms_per_request']:.1f}x less, database transactions and "
+              "rows written ~20x fewer: the replay runs over a Unix socket with ~70 us round trips, where the "
+              "original paid 22 PostgREST HTTP round trips per beat, so on loopback its 22 round trips cost little "
+              "time and the ratio in throughput understates the difference in database load, which is what limits "
+              "a fleet (README, Performance and capacity).", ""]
+    lines += ["### SQL plans at this fleet size", "",
+              "EXPLAIN (ANALYZE, BUFFERS) of cp_ingest_heartbeat's statements for one steady-state beat, as generic "
+              "plans (what PL/pgSQL settles on). Every lookup is an index scan; no sequential scan of a hot table.", ""]
+    rows = []
+    for plan in hb["explain"]:
+        nodes = [line.strip().split(" (actual")[0] for line in plan["plan"]
+                 if "Scan" in line and "(actual" in line]
+        rows.append([plan["label"], "; ".join(dict.fromkeys(nodes)) or plan["plan"][0].split(" (actual")[0],
+                     plan["execution"].replace("Execution Time: ", ""),
+                     "**" + "; ".join(plan["seq_scans"]) + "**" if plan["seq_scans"] else "none"])
+    lines.append(table(["statement", "scans", "execution", "seq scans of hot tables"], rows))
+    lines.append("")
+    return lines
+
+
+def _deploy_section(dp: dict[str, Any]) -> list[str]:
+    p = dp["params"]
+    return ["## Deploy initiation (`bench/deploy.py`)", "",
+            f"deploy_mcp_server against loopback DTMA stand-ins (each holding only its toolbox's derived key), "
+            f"DTMA_DEPLOY_BUDGET_SECONDS={p['budget_s']:g}. Each deploy records an instance, allocates a host port, "
+            f"calls the DTMA and records the outcome (4 database calls + 1 DTMA call). With a {p['pull_s']} s pull "
+            "the function answers 202 once its budget is spent and the pulls go on in the stand-ins, so the run "
+            f"takes {p['duration']:g} s per case, not {p['pull_s']} s per deploy. {p['runs']} runs; medians.", "",
+            *deploy.report_lines(dp), "",
+            f"Instances by status after the run: {dp['instances']} (the 60 s pulls are still `deploying`, as they "
+            "would be until the heartbeat sees the container or the sweep's deadline fails it).", ""]
+
+
+def _coldstart_section(cs: dict[str, Any]) -> list[str]:
+    m = cs["marginal_import_ms"]
+    fw = cs["framework_import_ms"]
+    s = cs["summary"]
+    return ["## Cold start (`bench/coldstart.py`)", "",
+            "Time from spawning `functions-framework --target X --source functions/X/main.py` (as Cloud Run does) "
+            "to the answer of one real first request sent as soon as the port accepts (heartbeat 204, 100-server "
+            "mcp_status 200, deploy 201, restart 200, sweep 200), and the import of main.py alone in a fresh "
+            f"interpreter. {cs['params']['runs']} runs, interleaved; medians. Bytecode caches (.pyc) are warm.", "",
+            *coldstart.report_lines(cs), "",
+            "Not loaded on any default path: supabase-py, google-cloud-logging, pgserver (the table lists every heavy "
+            "package present after the first request).", "",
+            "Where the gap comes from (marginal import cost in a process that already imported functions_framework, "
+            f"which itself costs {fw:.0f} ms): "
+            f"psycopg + psycopg_pool {m['psycopg,psycopg_pool']:.0f} ms (every function talks to the database; "
+            f"imported at the first request), shared.config {m['shared.config']:.0f} ms of which pydantic_settings "
+            f"{m['pydantic_settings']:.0f} ms (pydantic alone {m['pydantic']:.0f} ms), PyJWT + cryptography "
+            f"{m['jwt']:.0f} ms (user-facing functions), httpx {m['httpx']:.0f} ms (functions that call a DTMA), then "
+            "the first database connection and the first request's own work. The floor imports none of these, so "
+            f"a function that must reach the database cannot be within 1.5x ({1.5 * s['noop']['cold_ms']:.0f} ms) "
+            "of it: psycopg and the settings alone exceed the margin. What would close most of the rest: reading "
+            "settings without pydantic_settings (shared/config.py; ~45 ms), shipping precompiled bytecode in the "
+            "deployed package (ops/gcp_package.py: `python -m compileall`), and Cloud Run's startup CPU boost.", ""]
+
+
+def _memory_section(mem: dict[str, Any]) -> list[str]:
+    peak = max(v["after_burst"]["total_peak"] for v in mem["results"].values())
+    return ["## Memory (`bench/memory.py`)", "",
+            "MiB, from /proc: RSS of the gunicorn worker, PSS of master + worker (what the container holds; the "
+            "worker is a fork of the master and shares its pages) at idle after the first requests and after a "
+            f"{mem['params']['burst']:g} s burst of real requests at concurrency {mem['params']['concurrency']}, "
+            "and the peak (VmHWM of master + worker, an upper bound).", "",
+            *memory.report_lines(mem), "",
+            f"Highest peak {peak:.0f} MiB: every function fits Cloud Run's 256 MiB with more than "
+            f"{256 - peak:.0f} MiB of headroom, so deploy.sh keeps `--memory 256Mi`.", ""]
+
+
+def _status_section(st: dict[str, Any]) -> list[str]:
+    return ["## mcp_status served (`bench/status.py`)", "",
+            "GET mcp_status with an HS256 user JWT, served by functions-framework; one at a time (200 reads) and 8 "
+            f"at a time ({st['params']['duration']:g} s); {st['params']['runs']} runs; medians. Function and "
+            "PostgreSQL CPU per read are the capacity model's inputs.", "",
+            *status.report_lines(st), "",
+            "A full page of 100 servers is one database round trip (cp_list_mcp_servers) whose cost is mostly "
+            "building ~120 KB of JSON (each server with its toolbox and last 5 events) in PostgreSQL, then parsing "
+            "and re-rendering it in the function; a 10-server poll costs about a tenth.", ""]
+
+
+def _sweep_section(sw: dict[str, Any]) -> list[str]:
+    f = sw["figures"]
+    lines = ["## Sweep and status SQL at 10,000 toolboxes / 100,000 instances (`bench/sweep.py`)", "",
+             f"Command: `{sw['command']}` (written separately; its output follows verbatim).", ""]
+    if "changing_all_ms" in f:
+        rows = [["sweep changing ~10% of the fleet, production batch (500 per kind; `more` = true)",
+                 f"{f['changing_500_ms']:.1f} ms", "< 1 s"],
+                ["sweep changing ~10% of the fleet in one call", f"{f['changing_all_ms']:.1f} ms", "< 1 s"],
+                ["sweep that changes nothing", f"{f['noop_ms']:.2f} ms", "-"]]
+        if "list_sql" in f:
+            rows.append(["cp_list_mcp_servers, 100 servers (p50 / p99)",
+                         f"{f['list_sql'][0]:.2f} / {f['list_sql'][1]:.2f} ms",
+                         "-"])
+            rows.append(["mcp_status app via WSGI test client (p50 / p99)",
+                         f"{f['list_app'][0]:.2f} / {f['list_app'][1]:.2f} ms", "-"])
+        lines += [table(["what", "median", "target"], rows), ""]
+    lines += ["<details><summary>bench/sweep.py output (plans included)</summary>", "", "```", sw["output"].rstrip(),
+              "```", "", "</details>", ""]
+    return lines
+
+
+def _load_section(load: dict[str, Any]) -> list[str]:
+    lines = ["## Load test (`bench/load.py`)", ""]
+    if "skipped" in load:
+        return [*lines, f"Not run: {load['skipped']}.", ""]
+    return [*lines, f"Command: `{load['command']}` (exit {load['returncode']}); output verbatim:", "", "```",
+            load["output"].rstrip(), "```", ""]
+
+
+# --- the README's capacity model --------------------------------------------------------------------
+
+README = DOCS.parent / "README.md"
+_CAPACITY_BLOCK = re.compile(r"(<!-- capacity:start -->\n).*?(<!-- capacity:end -->)", re.S)
+
+
+def write_readme_capacity(text: str) -> None:
+    """Replace the block between the README's capacity markers (the section heading is the README's)."""
+    body = text.split("\n", 2)[2] if text.startswith("## ") else text
+    readme = README.read_text()
+    README.write_text(_CAPACITY_BLOCK.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), readme))
+
+def render_capacity(r: dict[str, Any]) -> str:
+    hb = r["heartbeat"]["summary"]
+    conc = max(c for c in hb["heartbeat"] if c.isdigit())
+    h, o = hb["heartbeat"][conc], hb["original"][conc]
+    per = hb["heartbeat"]["per_request"]
+    per_o = hb["original"]["per_request"]
+    rows_per_beat = sum(v for k, v in per.items() if k.startswith("account_tool") and "HOT" not in k)
+    rows_per_beat_o = sum(v for k, v in per_o.items() if k.startswith("account_tool") and "HOT" not in k)
+    st = r["status"]["summary"]
+    read10, read100 = st["mcp_status_10"], st["mcp_status"]
+    p99 = h["p99_ms"] / 1000
+    lines = ["## Performance and capacity", "",
+             f"Measured by `{r['command']}` (docs/benchmarks.md; {r['machine']['cores']} cores, Python "
+             f"{r['machine']['python']}, PostgreSQL {r['machine']['postgres']}). Per heartbeat (20 containers, steady "
+             f"state): **{h['cpu_ms_per_request']:.2f} ms** of function CPU, "
+             f"**{h['db_cpu_ms_per_request']:.2f} ms** of "
+             f"database CPU, **{per.get('xact', 0):.2f}** database transaction and **{rows_per_beat:.2f}** rows "
+             "written (the toolbox row; instance rows only when something about a container changed, events only "
+             f"on transitions). The original's pattern, measured the same way: {o['cpu_ms_per_request']:.2f} ms + "
+             f"{o['db_cpu_ms_per_request']:.2f} ms, {per_o.get('xact', 0):.1f} transactions and "
+             f"{rows_per_beat_o:.1f} rows "
+             f"per beat. Per status read: {read10['cpu_ms_per_read']:.2f} ms function + "
+             f"{read10['db_cpu_ms_per_read']:.2f} ms database CPU for a 10-server user, "
+             f"{read100['cpu_ms_per_read']:.2f} + {read100['db_cpu_ms_per_read']:.2f} ms for a full page of 100.", "",
+             "At one heartbeat per toolbox per minute (the DTMA's interval), and, for the web app, one status poll "
+             "per toolbox per minute of a 10-server user (an upper bound for dashboards left open):", ""]
+    rows = []
+    for n in (1_000, 10_000, 100_000):
+        rps = n / 60
+        hb_cpu = rps * h["cpu_ms_per_request"]  # CPU-ms per second
+        db_cpu = rps * h["db_cpu_ms_per_request"]
+        reads = rps
+        read_cpu = reads * read10["cpu_ms_per_read"]
+        read_db = reads * read10["db_cpu_ms_per_read"]
+        inst_cpu = max(1, math.ceil(hb_cpu / (1000 * CLOUD_RUN_TARGET_CPU)))
+        inst_conc = max(1, math.ceil(rps * p99 / CLOUD_RUN_CONCURRENCY))
+        inst_read = max(1, math.ceil(read_cpu / (1000 * CLOUD_RUN_TARGET_CPU)))
+        db_cores = (db_cpu + read_db) / 1000
+        rows.append([f"{n:,}", f"{rps:,.1f}", f"{rps * per.get('xact', 0):,.1f}", f"{rps * rows_per_beat:,.1f}",
+                     f"{rps * rows_per_beat_o:,.0f} / {rps * per_o.get('xact', 0):,.0f}",
+                     f"{hb_cpu / 1000:.2f}", f"{max(inst_cpu, inst_conc)}", f"{read_cpu / 1000:.2f} ({inst_read})",
+                     f"{db_cpu / 1000:.2f} + {read_db / 1000:.2f} = {db_cores:.2f}", _supabase_size(db_cores)])
+    lines.append(table(["toolboxes", "heartbeats/s", "DB transactions/s (ingest)", "rows written/s (ingest)",
+                        "original: rows/s / transactions/s", "ingest vCPU busy", "dtma_heartbeat_ingest instances",
+                        "mcp_status vCPU busy (instances)", "database cores busy (ingest + polls)",
+                        "Supabase compute"], rows))
+    lines += ["", "How the columns are derived:", "",
+              "* vCPU busy = requests/s x measured CPU-ms per request / 1000. Cloud Run instances = that divided by "
+              f"{CLOUD_RUN_TARGET_CPU:.0%} (Cloud Run adds instances before one passes about 60% CPU), at least the "
+              f"in-flight requests (requests/s x p99 latency) / concurrency {CLOUD_RUN_CONCURRENCY}, rounded up; "
+              "instances are 1 vCPU, concurrency 40 (deploy.sh defaults). One gunicorn worker uses one core, which "
+              "is what a 1 vCPU instance has. The heartbeat's p99 here includes queueing behind the load generator "
+              "on shared cores; with a database elsewhere it is a few ms, and concurrency never binds first.",
+              "* Database cores = heartbeats/s x database CPU-ms per beat + polls/s x database CPU-ms per poll, on "
+              "this machine's cores (a Supabase vCPU may be slower; keep the busy share under ~50% for headroom, "
+              "autovacuum and Realtime). Connections: instances x DB_POOL_MAX_SIZE (4) through the transaction "
+              "pooler.",
+              "* Rows written/s is WAL and Realtime volume: the toolbox row per beat only. Instance rows and events "
+              "appear only when a container actually changes, so Realtime subscribers are not woken every minute "
+              "per server.", "",
+              "At 100,000 toolboxes the ingest needs a handful of 1 vCPU instances; the database, not the functions, "
+              "is the resource to size, and it does ~20x less work per heartbeat than the original's pattern.", ""]
+    return "\n".join(lines)
+
+
+def _supabase_size(cores: float) -> str:
+    # Supabase compute add-ons (vCPU count; Micro..Large are 2-core ARM, shared below Large). The rule: keep
+    # the measured busy share under half of the cores.
+    for name, vcpu in (("Micro/Small (2-core shared)", 2 * 0.25), ("Large (2-core dedicated)", 2),
+                       ("XL (4-core)", 4), ("2XL (8-core)", 8), ("4XL (16-core)", 16)):
+        if cores <= vcpu / 2:
+            return name
+    return "8XL or larger (32+ cores)"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    print("$ " + " ".join(shlex.quote(a) for a in ["python", "-m", "bench", *sys.argv[1:]]), flush=True)
+    main()

@@ -1,0 +1,200 @@
+"""Cold start of every function against the no-op floor (not a test).
+
+    PYTHONPATH=. python bench/coldstart.py [--runs 5]
+
+For each function, `--runs` times:
+
+* cold start: a new `functions-framework --target X --source functions/X/main.py` process
+  (gunicorn, as in production) is started, and one real request is sent as soon as the port
+  accepts a connection (a connection refused is retried every 1 ms; nothing is sent before the
+  port is open, so non-idempotent requests are sent exactly once). The figure is the time from
+  spawning the process to that request's answer: interpreter start, imports, configuration,
+  gunicorn, the first database connection and the request's own work. The floor is the no-op
+  function (bench/noop) started and asked the same way;
+* import time alone: a fresh interpreter imports functions_framework and executes the
+  function's main.py (what the gunicorn master does before it listens), timed inside the process.
+
+The first requests are real: a heartbeat (204), a 100-server mcp_status read (200), a deploy to a
+loopback DTMA stand-in (201), a restart through it (200) and a sweep (200).
+Also reports which heavy packages each function has loaded after its first request, and the
+marginal import cost of the packages that make up the gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import FUNCTIONS, ROOT, Server, World, median, source_of, table
+
+HEAVY = ("supabase", "postgrest", "google.cloud.logging", "pgserver", "jwt", "cryptography", "httpx", "psycopg",
+         "psycopg_pool", "pydantic", "pydantic_settings")
+
+IMPORT_SNIPPET = """
+import time, sys, importlib.util
+t0 = time.perf_counter()
+import functions_framework
+t1 = time.perf_counter()
+spec = importlib.util.spec_from_file_location("main", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["main"] = module
+spec.loader.exec_module(module)
+t2 = time.perf_counter()
+heavy = sorted(m for m in sys.argv[2].split(",") if m in sys.modules)
+print(f"{(t1 - t0) * 1000:.2f} {(t2 - t0) * 1000:.2f} {','.join(heavy)}")
+"""
+
+MARGINAL_SNIPPET = """
+import time, sys
+import functions_framework
+t = time.perf_counter()
+for name in sys.argv[1].split(","):
+    __import__(name)
+print(f"{(time.perf_counter() - t) * 1000:.2f}")
+"""
+
+LOADED_SNIPPET = "import sys; print('loaded:' + ','.join(sorted(m for m in %r if m in sys.modules)))"
+
+
+def first_request(world: World, function: str, run: int) -> tuple[str, str, bytes, dict[str, str], set[int]]:
+    reqs, expected = world.requests(function)
+    req = reqs[run % len(reqs)]
+    body = req.body.replace("{{n}}", f"cold{run}-{os.getpid()}") if req.dynamic else req.body
+    if function == "noop":
+        return "POST", "/", b"", {}, {204}
+    return req.method, req.path, body.encode(), req.headers, {int(s) for s in expected}
+
+
+def cold_start(world: World, function: str, run: int) -> dict[str, Any]:
+    method, path, body, headers, expected = first_request(world, function, run)
+    server = Server(function, world.env())
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            try:
+                conn.connect()
+            except OSError:
+                conn.close()
+                if time.monotonic() > deadline or (server.process and server.process.poll() is not None):
+                    raise RuntimeError(f"{function} never listened: {server.log_tail()}") from None
+                time.sleep(0.001)
+                continue
+            conn.request(method, path, body=body or None, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            elapsed = time.perf_counter() - server.started_at
+            conn.close()
+            break
+        if response.status not in expected:
+            raise RuntimeError(f"{function}: first request answered {response.status}: {server.log_tail()}")
+        return {"ms": elapsed * 1000, "status": response.status}
+    finally:
+        server.stop()
+
+
+def import_time(function: str, env: dict[str, str]) -> tuple[float, float, list[str]]:
+    done = subprocess.run([sys.executable, "-c", IMPORT_SNIPPET, str(source_of(function)), ",".join(HEAVY)],
+                          env=env, capture_output=True, text=True, check=True, cwd=str(ROOT), timeout=60)
+    framework, total, heavy = [*done.stdout.strip().split(" "), ""][:3]
+    return float(framework), float(total), [h for h in heavy.split(",") if h]
+
+
+def marginal(packages: str, env: dict[str, str], runs: int) -> float:
+    samples = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", MARGINAL_SNIPPET, packages], env=env, capture_output=True,
+                              text=True, check=True, cwd=str(ROOT), timeout=60)
+        samples.append(float(done.stdout.strip()))
+    return median(samples)
+
+
+def loaded_after_first_request(world: World, function: str) -> list[str]:
+    """Heavy packages in the worker after one real request (py-spy-free: ask the process itself is not
+    possible, so a WSGI test client in a fresh interpreter serves one request the same way)."""
+    method, path, body, headers, _ = first_request(world, function, 10_000 + os.getpid() % 1000)
+    snippet = f"""
+import sys, json
+from functions_framework import create_app
+app = create_app(target={function if function != "noop" else "noop"!r}, source={str(source_of(function))!r})
+client = app.test_client()
+r = client.open({path!r}, method={method!r}, data={body!r}, headers={headers!r})
+print(r.status_code)
+{LOADED_SNIPPET % (HEAVY,)}
+"""
+    done = subprocess.run([sys.executable, "-c", snippet], env=world.env(), capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=60)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("loaded:")]
+    return [h for h in lines[-1].removeprefix("loaded:").split(",") if h] if lines else ["(failed)"]
+
+
+def run(runs: int = 5, world: World | None = None) -> dict[str, Any]:
+    own = world is None
+    world = world or World(heartbeat_toolboxes=16)
+    try:
+        targets = ("noop", *FUNCTIONS)
+        cold: dict[str, list[float]] = {t: [] for t in targets}
+        imports: dict[str, list[float]] = {t: [] for t in targets}
+        framework: list[float] = []
+        heavy_at_import: dict[str, list[str]] = {}
+        for r in range(runs):
+            for target in targets:  # interleaved, so drift in the machine's speed hits every target alike
+                cold[target].append(cold_start(world, target, r)["ms"])
+                fw, total, heavy = import_time(target, world.env())
+                imports[target].append(total)
+                framework.append(fw)
+                heavy_at_import[target] = heavy
+            print(f"round {r + 1}/{runs}: " + ", ".join(f"{t} {cold[t][-1]:.0f}" for t in targets) + " ms",
+                  flush=True)
+        heavy_after = {t: loaded_after_first_request(world, t) for t in targets}
+        env = world.env()
+        marginals = {name: marginal(name, env, 3) for name in (
+            "psycopg,psycopg_pool", "pydantic", "pydantic_settings", "shared.config", "jwt", "httpx")}
+    finally:
+        if own:
+            world.stop()
+    summary = {t: {"cold_ms": median(cold[t]), "import_ms": median(imports[t])} for t in targets}
+    for t in targets:
+        summary[t]["cold_ratio"] = summary[t]["cold_ms"] / summary["noop"]["cold_ms"]
+        summary[t]["import_ratio"] = summary[t]["import_ms"] / summary["noop"]["import_ms"]
+    return {"summary": summary, "cold": cold, "imports": imports, "framework_import_ms": median(framework),
+            "heavy_at_import": heavy_at_import, "heavy_after_first_request": heavy_after,
+            "marginal_import_ms": marginals, "params": {"runs": runs}}
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    s = result["summary"]
+    rows = []
+    for t, v in s.items():
+        rows.append([f"`{t}`", f"{v['cold_ms']:.0f}", f"**{v['cold_ratio']:.2f}x**", f"{v['import_ms']:.0f}",
+                     f"{v['import_ratio']:.2f}x", ", ".join(result["heavy_after_first_request"].get(t, [])) or "-"])
+    return [table(["function", "cold start to first answer, ms (median)", "vs floor (target <= 1.5x)",
+                   "import alone, ms", "vs floor", "heavy packages loaded after the first request"], rows)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    result = run(args.runs)
+    print("\n".join(report_lines(result)))
+    print("marginal import cost after functions_framework (ms):", json.dumps(result["marginal_import_ms"]))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -2,18 +2,20 @@
 
 The database enforces the transitions (`instance_status_transitions` in
 sql/migrations/0003_state_machine.sql); this module is the same table for Python readers, the
-README and the tests (`tests/test_lifecycle.py` fails if the two ever differ). It also holds
-the two pure rules the API applies on top: which user action may start from which status, and
-the *effective* status shown to users, where a silent toolbox makes everything `unknown`
-(Kubernetes' NodeStatusUnknown: staleness is not failure, and recovery is automatic).
+README and the tests (`tests/test_state_machine.py` fails if the two ever differ). It also holds
+the rules the API applies on top: which user action may start from which status, what a
+container report asks for, and the *effective* status shown to users, where a silent toolbox
+makes everything `unknown` (Kubernetes' NodeStatusUnknown: staleness is not failure, and
+recovery is automatic).
 
 ```
- (deploy) -> pending_deploy -> deploying -> running <-> stopping -> stopped
-                  |               |  ^        |  ^                   |  |
-                  v               v  |        v  '---- starting <----'  |
-                error <-----------+--+--------+---------' ^             |
-                  |  '--------------------------------------'          |
-                  '-> deleting -> (row removed)  <----- remove ---------'
+deploy   (api)      pending_deploy -> deploying -> running | stopped | error
+stop     (api)      running -> stopping -> stopped
+start    (api)      stopped | error -> starting -> running
+restart  (api)      running -> stopping -> starting -> running   (stopped | error: as start)
+remove   (api)      running | stopped | error -> deleting -> (row deleted, events kept)
+reports  (heartbeat, dtma)  settled statuses follow the container: running, stopped, error
+deadline (sweep)    pending_deploy | deploying | starting | stopping | deleting -> error
 ```
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.config import Settings, load_settings
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 class Runtime:
     function: str
     settings: Settings
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @functools.cached_property
     def db(self) -> Database:

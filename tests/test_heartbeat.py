@@ -337,3 +337,29 @@ def test_concurrent_heartbeats_of_one_toolbox_serialize(factory: Factory, postgr
     counts = pg.execute("select count(*) from account_tool_instance_events where account_tool_environment_id = %s",
                         (box.id,)).fetchone()[0]
     assert counts == len(names)  # each deploying -> running exactly once
+
+
+def test_heartbeats_of_different_toolboxes_do_not_wait_for_each_other(
+        factory: Factory, postgres_db: PostgresDatabase, database_url: str) -> None:
+    from shared.heartbeat import build_report
+
+    box_a, box_b = factory.toolbox(), factory.toolbox()
+    report = build_report(beat(container("srv")))
+    digest = {box.id: hashlib.sha256(box.token.encode()).hexdigest() for box in (box_a, box_b)}
+    done: dict[str, bool] = {}
+
+    def send(box: Toolbox) -> None:
+        postgres_db.call("cp_ingest_heartbeat", p_token_sha256=digest[box.id], p_report=report)
+        done[box.id] = True
+
+    # Another transaction holds toolbox A's row, as a long heartbeat of A would.
+    with psycopg.connect(database_url) as holder:
+        holder.execute("select 1 from account_tool_environments where id = %s for update", (box_a.id,))
+        waiting = threading.Thread(target=send, args=(box_a,))
+        waiting.start()
+        send(box_b)  # completes while A's heartbeat is still queued behind the lock
+        assert done == {box_b.id: True}
+        assert waiting.is_alive()
+        holder.rollback()
+    waiting.join(10)
+    assert done == {box_b.id: True, box_a.id: True}

@@ -134,7 +134,8 @@ def main() -> None:
     if only >= {"heartbeat", "deploy", "coldstart", "memory", "status", "sweep"}:
         DOCS.mkdir(exist_ok=True)
         (DOCS / "benchmarks.md").write_text(render_benchmarks(results))
-        write_readme_capacity(render_capacity(results))
+        write_readme_block("capacity", render_capacity(results))
+        write_readme_block("bench-summary", "\n".join(_summary_table(results)))
         print(f"wrote docs/benchmarks.md and README.md's capacity model in {results['elapsed_s']:.0f} s; "
               f"raw results {RESULTS}")
     else:
@@ -372,14 +373,16 @@ def _load_section(load: dict[str, Any]) -> list[str]:
 # --- the README's capacity model --------------------------------------------------------------------
 
 README = DOCS.parent / "README.md"
-_CAPACITY_BLOCK = re.compile(r"(<!-- capacity:start -->\n).*?(<!-- capacity:end -->)", re.S)
 
 
-def write_readme_capacity(text: str) -> None:
-    """Replace the block between the README's capacity markers (the section heading is the README's)."""
+def write_readme_block(name: str, text: str) -> None:
+    """Replace the README's block between `<!-- name:start -->` and `<!-- name:end -->` with `text`
+    (without its own `## ` heading: the README has one), so the README quotes this run's figures."""
     body = text.split("\n", 2)[2] if text.startswith("## ") else text
+    block = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     readme = README.read_text()
-    README.write_text(_CAPACITY_BLOCK.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), readme))
+    README.write_text(block.sub(lambda m: m.group(1) + body.strip("\n") + "\n" + m.group(2), readme))
+
 
 def render_capacity(r: dict[str, Any]) -> str:
     hb = r["heartbeat"]["summary"]

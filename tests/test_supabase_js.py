@@ -39,7 +39,7 @@ def _installed() -> bool:
 
 @pytest.fixture(scope="module")
 def node_modules() -> None:
-    """Install the pinned clients once (npm's cache makes later installs fast); skip when impossible."""
+    """Install the locked clients once (npm's cache makes later installs fast); skip when impossible."""
     for tool in ("node", "npm"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed: the supabase-js compatibility test needs Node.js >= 20 and npm")
@@ -50,7 +50,8 @@ def node_modules() -> None:
         return
     try:
         done = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error"],
+            # `npm ci`: exactly the versions in tests/js/package-lock.json, dependencies included.
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
             cwd=JS_DIR, capture_output=True, text=True, timeout=NPM_INSTALL_SECONDS)
     except subprocess.TimeoutExpired:
         pytest.skip(f"npm install did not finish within {NPM_INSTALL_SECONDS} s (is the npm registry reachable?)")

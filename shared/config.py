@@ -78,8 +78,11 @@ class Settings(BaseSettings):
         None, "Legacy global key sent to every DTMA (DTMA_KEY_MODE=legacy only).", CALLS_DTMA)
     DTMA_CONNECT_TIMEOUT_SECONDS: float = _setting(2.0, "TCP connect timeout to a DTMA.", CALLS_DTMA, gt=0)
     DTMA_DEPLOY_BUDGET_SECONDS: float = _setting(
-        1.5, "How long deploy/manage wait for the DTMA's answer before replying 202 (the pull goes on).",
-        (DEPLOY, MANAGE), gt=0)
+        1.5, "How long deploy/manage wait for the DTMA's answer before replying 202 (the command goes on and "
+        "records its outcome when the agent answers).", (DEPLOY, MANAGE), gt=0)
+    DTMA_COMMAND_TIMEOUT_SECONDS: float = _setting(
+        570.0, "How long a deploy or action waits for the agent's answer in all (a pull can take minutes); "
+        "keep it under DEPLOY_DEADLINE_SECONDS.", (DEPLOY, MANAGE), gt=0)
     DTMA_STATUS_TIMEOUT_SECONDS: float = _setting(3.0, "Budget of mcp_status?refresh=true's DTMA read.",
                                                   (STATUS,), gt=0)
     ALLOW_PRIVATE_TOOLBOX_IPS: bool = _setting(

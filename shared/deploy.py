@@ -2,20 +2,22 @@
 
 Order of events, each step one database call:
 1. validate the request (nothing recorded if it is wrong);
-2. record the instance: owner, toolbox state, name and host port are checked under a toolbox
-   lock, and it moves pending_deploy -> deploying with events (`cp_record_deploy`);
-3. command the DTMA `POST /tools`, waiting at most DTMA_DEPLOY_BUDGET_SECONDS: the agent pulls
-   the image inside that request, which can take minutes (design decision 8);
-4. record the outcome (`cp_settle`): running, error, or still deploying (202), in which case
-   the next heartbeat or the sweep's deadline settles it.
+2. record the instance: owner, toolbox state (active, Docker up), name and host port are checked
+   under a toolbox lock, around every name and port the toolbox reports in use, and it moves
+   pending_deploy -> deploying with events (`cp_record_deploy`);
+3. command the DTMA `POST /tools` as a background command (shared/background.py): the agent
+   pulls the image inside that request, which can take minutes. The request waits at most
+   DTMA_DEPLOY_BUDGET_SECONDS, then answers 202; the command goes on and records the outcome
+   the moment the agent answers (`cp_settle`): running, or error with the agent's reason.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
-from shared import idempotency, lifecycle, status
+from shared import background, idempotency, lifecycle, status
 from shared.auth import authenticate
 from shared.dtma import AddressRefused, DtmaError
 from shared.errors import ApiError
@@ -70,6 +72,26 @@ def _outcome_of_answer(answer: dict[str, Any], name: str) -> tuple[Outcome, str 
     return Outcome(lifecycle.Status.ERROR, message, 502, "container_exited"), container_id, runtime
 
 
+def _command(rt: Runtime, instance: dict[str, Any], toolbox: dict[str, Any], env: dict[str, str]) -> Outcome:
+    """Call the agent (as long as a pull can take) and record what it answered."""
+    name = instance["instance_name_on_toolbox"]
+    container_id, runtime_details = None, None
+    try:
+        target = rt.dtma.target(toolbox)
+        answer = rt.dtma.deploy(target, dtma_body(instance, env), rt.settings.DTMA_COMMAND_TIMEOUT_SECONDS)
+        outcome, container_id, runtime_details = _outcome_of_answer(answer, name)
+    except AddressRefused as exc:
+        outcome = Outcome(lifecycle.Status.ERROR, exc.message, 409, "toolbox_address_refused")
+    except DtmaError as exc:
+        outcome = from_dtma_error(exc, action="deploy", name=name)
+    # The agent's words may quote the request's env values (secrets: never stored or returned).
+    outcome = replace(outcome, message=redact(outcome.message))
+    to = outcome.to or lifecycle.Status.ERROR  # a deploy that never reached the agent created nothing
+    rt.db.call("cp_settle", p_instance_id=instance["id"], p_expected="deploying", p_to=to.value,
+               p_message=outcome.message, p_container_id=container_id, p_runtime=runtime_details)
+    return outcome
+
+
 def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
     settings = rt.settings
     low, high = settings.host_port_range
@@ -83,24 +105,13 @@ def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
         p_policy={"port_low": low, "port_high": high, "dtma_port": settings.DTMA_PORT,
                   "allow_internal": settings.ALLOW_PRIVATE_TOOLBOX_IPS})
     instance, toolbox = recorded["instance"], recorded["toolbox"]
-    name = instance["instance_name_on_toolbox"]
-    container_id, runtime_details = None, None
-    try:
-        target = rt.dtma.target(toolbox)
-        answer = rt.dtma.deploy(target, dtma_body(instance, request.env), settings.DTMA_DEPLOY_BUDGET_SECONDS)
-        outcome, container_id, runtime_details = _outcome_of_answer(answer, name)
-    except AddressRefused as exc:
-        outcome = Outcome(lifecycle.Status.ERROR, exc.message, 409, "toolbox_address_refused")
-    except DtmaError as exc:
-        outcome = from_dtma_error(exc, action="deploy", name=name)
-    # The agent's words may quote the request's env values (secrets: never stored or returned).
-    message = redact(outcome.message)
-    rt.db.call("cp_settle", p_instance_id=instance["id"], p_expected="deploying",
-               p_to=outcome.to.value if outcome.to else None, p_message=message,
-               p_container_id=container_id, p_runtime=runtime_details)
+    done, outcome = background.run_within(settings.DTMA_DEPLOY_BUDGET_SECONDS,
+                                          lambda: _command(rt, instance, toolbox, request.env))
     view = status.read_server(rt, user_id, instance["id"])
+    if not done or outcome is None:
+        return Reply(202, view)
     if outcome.http_status >= 400:
-        raise ApiError(outcome.http_status, outcome.code, message, {"server": view})
+        raise ApiError(outcome.http_status, outcome.code, outcome.message, {"server": view})
     return Reply(outcome.http_status, view)
 
 

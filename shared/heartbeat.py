@@ -89,13 +89,22 @@ def _port_json(port: Port) -> dict[str, Any]:
 
 
 def container_observation(item: ContainerSummary) -> dict[str, Any]:
-    """One container summary as a reconciliation observation (also used for DTMA status reads)."""
+    """One container summary as a reconciliation observation (also used for DTMA status reads).
+
+    `created` lets the database bind only containers created after the instance was recorded;
+    `exited`/`unexpected` let it read an exit as a stop only when one was asked for
+    (sql/migrations/0008_status_truth.sql, `cp_reconcile_toolbox`).
+    """
     names = [n.lstrip("/") for n in item.names]
     target, message = lifecycle.observed_from_docker(item.state, item.status, names[0])
-    runtime = {"state": item.state, "status": item.status, "image": item.image,
-               "exit_code": lifecycle.exit_code(item.status),
+    code = lifecycle.exit_code(item.status)
+    runtime = {"state": item.state, "status": item.status, "image": item.image, "exit_code": code,
                "ports": [_port_json(p) for p in item.ports]}
-    return {"names": names, "target": target, "message": message, "container_id": item.id, "runtime": runtime}
+    observation: dict[str, Any] = {"names": names, "target": target, "message": message, "container_id": item.id,
+                                   "created": item.created, "runtime": runtime}
+    if item.state == "exited":
+        observation.update(exited=True, exit_code=code, unexpected=lifecycle.unexpected_exit(names[0], code))
+    return observation
 
 
 def _instance_observation(item: InstanceReport) -> dict[str, Any]:

@@ -14,7 +14,8 @@ stop     (api)      running -> stopping -> stopped
 start    (api)      stopped | error -> starting -> running
 restart  (api)      running -> stopping -> starting -> running   (stopped | error: as start)
 remove   (api)      running | stopped | error -> deleting -> (row deleted, events kept)
-reports  (heartbeat, dtma)  settled statuses follow the container: running, stopped, error
+reports  (heartbeat, dtma)  settled statuses follow the container: running, error; stopped only
+                    when a stop was asked for (an exit nobody asked for is an error)
 deadline (sweep)    pending_deploy | deploying | starting | stopping | deleting -> error
 ```
 """
@@ -72,7 +73,6 @@ TRANSITIONS: frozenset[tuple[Status, Status, Source]] = frozenset().union(
     _each(S.PENDING_DEPLOY, S.DEPLOYING, Src.API),
     _each(S.PENDING_DEPLOY, S.ERROR, Src.API, Src.SWEEP),
     _each(S.DEPLOYING, S.RUNNING, Src.API, *_REPORTS),
-    _each(S.DEPLOYING, S.STOPPED, *_REPORTS),
     _each(S.DEPLOYING, S.ERROR, Src.API, *_REPORTS, Src.SWEEP),
     _each(S.RUNNING, S.STOPPING, Src.API),
     _each(S.RUNNING, S.DELETING, Src.API),
@@ -81,17 +81,20 @@ TRANSITIONS: frozenset[tuple[Status, Status, Source]] = frozenset().union(
     _each(S.STOPPING, S.STOPPED, Src.API, *_REPORTS),
     _each(S.STOPPING, S.STARTING, Src.API),
     _each(S.STOPPING, S.ERROR, Src.API, Src.SWEEP),
+    _each(S.STOPPING, S.RUNNING, Src.API),  # the stop never reached the agent: back as it was
     _each(S.STOPPED, S.STARTING, Src.API),
     _each(S.STOPPED, S.DELETING, Src.API),
     _each(S.STOPPED, S.RUNNING, *_REPORTS),
     _each(S.STOPPED, S.ERROR, *_REPORTS),
     _each(S.STARTING, S.RUNNING, Src.API, *_REPORTS),
-    _each(S.STARTING, S.ERROR, Src.API, Src.SWEEP),
+    _each(S.STARTING, S.ERROR, Src.API, *_REPORTS, Src.SWEEP),
+    _each(S.STARTING, S.STOPPED, Src.API),  # the start never reached the agent
     _each(S.ERROR, S.STARTING, Src.API),
     _each(S.ERROR, S.DELETING, Src.API),
     _each(S.ERROR, S.RUNNING, *_REPORTS),
-    _each(S.ERROR, S.STOPPED, *_REPORTS),
     _each(S.DELETING, S.ERROR, Src.API, Src.SWEEP),
+    _each(S.DELETING, S.RUNNING, Src.API),  # the removal never reached the agent
+    _each(S.DELETING, S.STOPPED, Src.API),
 )
 
 
@@ -119,19 +122,27 @@ ACTIONS: dict[str, Action] = {
 }
 
 
-# Stored values that are not ours (legacy rows of Agentopia's other tools) map to the nearest
-# meaning instead of surfacing raw enum names in the UI.
+# Stored values that are not ours (legacy rows of Agentopia's other tools) and the status of this
+# state machine each one means. The database applies the same table (`cp_canonical_status`,
+# sql/migrations/0008_status_truth.sql) the first time a report concerns such a row, so legacy
+# rows are reconciled like any other; tests/test_state_machine.py feeds both the same cases.
+LEGACY_STATUSES: dict[str, Status] = {
+    "active": S.RUNNING, "installing": S.DEPLOYING, "pending_install": S.PENDING_DEPLOY,
+    "pending_config": S.PENDING_DEPLOY, "error_install": S.ERROR, "error_uninstall": S.ERROR,
+    "error_runtime": S.ERROR, "disabled": S.STOPPED, "uninstalled": S.STOPPED,
+    "pending_delete": S.DELETING, "uninstalling": S.DELETING, "pending_uninstall": S.DELETING,
+}
+
+
+def canonical(stored: str) -> str:
+    """The state machine's name for a stored status (legacy values mapped)."""
+    return LEGACY_STATUSES.get(stored, stored)
+
+
 _EFFECTIVE: dict[str, Effective] = {
-    "pending_deploy": Effective.PENDING, "pending_install": Effective.PENDING,
-    "pending_config": Effective.PENDING,
-    "deploying": Effective.DEPLOYING, "installing": Effective.DEPLOYING,
-    "running": Effective.RUNNING, "active": Effective.RUNNING,
-    "stopped": Effective.STOPPED, "disabled": Effective.STOPPED, "uninstalled": Effective.STOPPED,
-    "starting": Effective.STARTING, "stopping": Effective.STOPPING,
-    "error": Effective.ERROR, "error_install": Effective.ERROR, "error_uninstall": Effective.ERROR,
-    "error_runtime": Effective.ERROR,
-    "deleting": Effective.REMOVING, "pending_delete": Effective.REMOVING,
-    "uninstalling": Effective.REMOVING, "pending_uninstall": Effective.REMOVING,
+    S.PENDING_DEPLOY: Effective.PENDING, S.DEPLOYING: Effective.DEPLOYING, S.RUNNING: Effective.RUNNING,
+    S.STOPPED: Effective.STOPPED, S.STARTING: Effective.STARTING, S.STOPPING: Effective.STOPPING,
+    S.ERROR: Effective.ERROR, S.DELETING: Effective.REMOVING,
 }
 
 # Toolbox statuses in which its agent's reports are current; any other (unresponsive,
@@ -150,7 +161,7 @@ def effective_status(stored: str, *, stale: bool) -> Effective:
     """The status a user sees: the stored one, unless the toolbox has gone silent."""
     if stale:
         return Effective.UNKNOWN
-    return _EFFECTIVE.get(stored, Effective.UNKNOWN)
+    return _EFFECTIVE.get(canonical(stored), Effective.UNKNOWN)
 
 
 def health(effective: Effective, heartbeat_age_seconds: float | None, degraded_after_seconds: float) -> str:
@@ -174,10 +185,12 @@ DOCKER_STATES: dict[str, tuple[Status | None, str]] = {
     "restarting": (S.ERROR, "container {name} keeps restarting: it exits and Docker starts it again"),
     "removing": (None, "container {name} is being removed"),
     "paused": (S.STOPPED, "container {name} is paused"),
-    "exited": (S.STOPPED, "container {name} exited with code 0"),
+    "exited": (S.STOPPED, "container {name} stopped"),
     "dead": (S.ERROR, "container {name} is dead: Docker could not stop or remove it"),
 }
 _EXIT_CODE = re.compile(r"^Exited \((-?\d+)\)")
+# What the agent answers when it cannot reach Docker (the socket on a droplet, TCP elsewhere).
+DOCKER_DOWN = re.compile(r"connect (?:ECONNREFUSED|ENOENT)|Cannot connect to the Docker daemon")
 
 # Status strings other agents put in the instance-format `status_on_toolbox` (the original
 # backend passed them through raw, W12/W14): upper-case DTMA words and Docker states.
@@ -193,16 +206,30 @@ def exit_code(status_text: str) -> int | None:
 
 
 def observed_from_docker(state: str, status_text: str, name: str) -> tuple[Status | None, str]:
-    """The status a container summary asks for, and the sentence recorded with it."""
+    """The status a container summary asks for, and the sentence recorded with it.
+
+    For `exited` this is the reading of a stop that was asked for; `unexpected_exit` is the
+    reading of an exit nobody asked for. The database picks one by the instance's status
+    (`cp_reconcile_toolbox`): only a `stopping` or `stopped` instance was asked to stop.
+    """
     if state not in DOCKER_STATES:
         # Not through str.format: the state is the agent's text and may hold braces.
         return None, f"container {name} is in unknown Docker state {state!r}"
     target, message = DOCKER_STATES[state]
     if state == "exited":
         code = exit_code(status_text)
-        if code not in (None, 0):
-            return S.ERROR, f"container {name} exited with code {code}"
+        return S.STOPPED, f"container {name} stopped" + (f" (exit code {code})" if code is not None else "")
     return target, message.format(name=name)
+
+
+def unexpected_exit(name: str, code: int | None) -> str:
+    """Why a container that nobody asked to stop is an error, in words a user can act on."""
+    if code is None:
+        return (f"container {name} exited unexpectedly (the agent's status read does not carry the exit code; "
+                "the next heartbeat will). Check its logs on the toolbox (docker logs "
+                f"{name}), then restart or remove it")
+    return (f"container {name} exited unexpectedly with code {code}. Check its logs on the toolbox (docker logs "
+            f"{name}), then restart or remove it")
 
 
 def observed_from_report(value: str, name: str) -> tuple[Status | None, str]:

@@ -1,27 +1,34 @@
 """manage_mcp_server: start, stop, restart and remove an MCP server through its toolbox's DTMA.
 
-Routes: `POST /<id>/start|stop|restart`, `DELETE /<id>`, and `POST /` with
-`{instance_id, action}` for clients that cannot choose the path (supabase-js `invoke`).
+Routes: `POST /<id>/start|stop|restart`, `DELETE /<id>[?force=true]`, and `POST /` with
+`{instance_id, action[, force]}` for clients that cannot choose the path (supabase-js `invoke`).
 
 Each action records its transitional status first (`cp_begin_action`, which checks the state
-machine and answers 409 naming the current status), then commands the DTMA within the same
-budget as deploy, then records the outcome. The real agent's quirks (reference §3.10) are
-handled here rather than passed on:
+machine and answers 409 naming the current status), then runs as a background command
+(shared/background.py): the request waits DTMA_DEPLOY_BUDGET_SECONDS and answers 202 if the
+agent is slower (Docker's stop timeout), and the command records the outcome when it answers.
+The truth rules (docs/real-agent.md has what the real agent answers in each case):
 
+* a start is confirmed by looking (`GET /tools/status`) before anything says `running`; a
+  container that exited right after starting is an `error`;
+* an action that never reached the agent, or that the agent refused without touching the
+  container, puts the server back where it was and says why in the answer and the history;
 * a second stop answers 500 "(HTTP code 304) container already stopped": that is success;
-* after the agent restarts it forgets what it deployed and answers 404 for containers that
-  still run. A 404 is therefore checked against `GET /tools/status`: if the container is still
-  listed, the user hears "the toolbox agent restarted and no longer manages X"; if it is gone,
-  a removal is complete and a start/stop is an error saying the container no longer exists.
+* after the agent restarts it forgets what it deployed and answers 404 for containers that still
+  run. Then the server is marked "no longer managed by the agent" (a state the user keeps seeing)
+  and left as it was; start/stop/restart are refused from then on, and removal removes the record
+  and says what is left on the droplet;
+* every record can be removed: `force` removes it without asking the agent (an unreachable or
+  deleted droplet), saying that whatever ran there is left as it was.
 """
 
 from __future__ import annotations
 
 import re
-import time
+from dataclasses import dataclass, replace
 from typing import Any
 
-from shared import idempotency, lifecycle, status
+from shared import background, idempotency, lifecycle, status
 from shared.auth import authenticate
 from shared.dtma import AddressRefused, DtmaError, DtmaRejected, Target
 from shared.errors import ApiError
@@ -33,161 +40,263 @@ from shared.runtime import Runtime
 
 _PATH = re.compile(r"^/(?P<id>[0-9a-fA-F-]{36})(?:/(?P<action>start|stop|restart|remove|delete))?/?$")
 _ALREADY_STOPPED = "304"
+_TRUE = frozenset({"true", "1", "yes"})
 
 
-def _route(call: Call) -> tuple[str, str, Any]:
-    """(instance id, action, the body used for the idempotency fingerprint)."""
+@dataclass(frozen=True)
+class _Request:
+    instance_id: str
+    action: str
+    force: bool
+    body: Any
+
+
+def _route(call: Call) -> _Request:
     if call.path in ("", "/"):
         if call.method != "POST":
             raise ApiError(405, "method_not_allowed", "use POST with {instance_id, action}")
         body = call.json()
         request = parse(ActionRequest, body)
-        return str(request.instance_id), request.action, body
+        return _Request(str(request.instance_id), request.action, request.force, body)
     match = _PATH.match(call.path)
     if not match:
         raise ApiError(404, "not_found", f"no such route: {call.method} {call.path}")
     action = match.group("action")
+    force = (call.request.args.get("force") or "").lower() in _TRUE
     if call.method == "DELETE" and action is None:
-        return match.group("id").lower(), "remove", None
+        return _Request(match.group("id").lower(), "remove", force, None)
     if call.method == "POST" and action is not None:
-        return match.group("id").lower(), action, None
+        return _Request(match.group("id").lower(), action, force, None)
     raise ApiError(405, "method_not_allowed", "use POST /<id>/start|stop|restart or DELETE /<id>")
 
 
-class _Steps:
-    """One action's conversation with the DTMA, within one deadline."""
+@dataclass
+class _Result:
+    """What a command ended with: None failure means the goal was reached."""
 
-    def __init__(self, rt: Runtime, target: Target, instance: dict[str, Any]) -> None:
+    failure: Outcome | None = None
+    removed: bool = False
+    left_on_toolbox: str | None = None
+    confirmed: bool = True
+
+
+class _Steps:
+    """One action's conversation with the DTMA, recording each outcome as it comes."""
+
+    def __init__(self, rt: Runtime, target: Target, begun: dict[str, Any]) -> None:
         self.rt = rt
         self.target = target
-        self.instance = instance
-        self.name = instance["instance_name_on_toolbox"]
-        self.deadline = time.monotonic() + rt.settings.DTMA_DEPLOY_BUDGET_SECONDS
+        self.instance = begun["instance"]
+        self.previous = begun["previous_status"]
+        self.previous_error = begun.get("previous_error")
+        self.id = self.instance["id"]
+        self.name = self.instance["instance_name_on_toolbox"]
+        self.timeout = rt.settings.DTMA_COMMAND_TIMEOUT_SECONDS
+        self.read_timeout = rt.settings.DTMA_STATUS_TIMEOUT_SECONDS
 
-    def budget(self) -> float:
-        return max(0.2, self.deadline - time.monotonic())
+    # -- recording ----------------------------------------------------------------------------
 
     def settle(self, expected: Status, to: Status | None, message: str) -> None:
-        self.rt.db.call("cp_settle", p_instance_id=self.instance["id"], p_expected=expected.value,
+        self.rt.db.call("cp_settle", p_instance_id=self.id, p_expected=expected.value,
                         p_to=to.value if to else None, p_message=message)
 
-    def still_listed(self) -> bool | None:
-        """Does the agent still see the container (managed or not)? None if we cannot tell."""
+    def revert(self, expected: Status, failure: Outcome) -> Outcome:
+        """The action changed nothing on the toolbox: back to where it started."""
+        self.rt.db.call("cp_revert_action", p_instance_id=self.id, p_expected=expected.value,
+                        p_previous=self.previous, p_previous_error=self.previous_error, p_message=failure.message)
+        return failure
+
+    def finish_removal(self, message: str) -> None:
+        self.rt.db.call("cp_finish_removal", p_instance_id=self.id, p_message=message)
+
+    # -- looking ------------------------------------------------------------------------------
+
+    def listing(self) -> dict[str, Any] | None:
+        """Our container as the agent's `GET /tools/status` lists it: {} if absent, None if unreadable."""
         try:
-            listing = self.rt.dtma.tool_status(self.target, self.budget())
+            answer = self.rt.dtma.tool_status(self.target, self.read_timeout)
         except DtmaError:
             return None
-        return any(item.get("instance_name_on_toolbox") == self.name for item in listing["tool_instances"]
-                   if isinstance(item, dict))
+        for item in answer["tool_instances"]:
+            if isinstance(item, dict) and item.get("instance_name_on_toolbox") == self.name:
+                return item
+        return {}
 
-    def not_managed(self, verb: str) -> Outcome:
-        listed = self.still_listed()
+    def not_managed(self, expected: Status, verb: str) -> Outcome:
+        """The agent answered 404: it no longer manages the container, or the container is gone."""
+        listed = self.listing()
         if listed:
-            return Outcome(Status.ERROR, f"the toolbox agent restarted and no longer manages {self.name}; the "
-                                         f"container still exists on the toolbox, so it could not {verb} it. "
-                                         "Remove the container on the droplet, then deploy again", 409,
-                           "agent_lost_container")
+            message = (f"the toolbox agent no longer manages {self.name} (it restarted and forgot the container, or a "
+                       f"failed deploy left it behind), so it could not {verb} it; the container is still on the "
+                       f"droplet. Remove this server (then docker rm -f {self.name} on the droplet) and deploy again")
+            self.rt.db.call("cp_mark_agent_unmanaged", p_instance_id=self.id, p_message=message)
+            return self.revert(expected, Outcome(None, message, 409, "agent_lost_container"))
         if listed is None:
-            return Outcome(Status.ERROR, f"the toolbox agent does not know {self.name} and its container list "
-                                         "could not be read", 502, "toolbox_failed")
-        return Outcome(Status.ERROR, f"container {self.name} no longer exists on the toolbox; remove it and "
-                                     "deploy it again", 409, "container_gone")
+            return self.revert(expected, Outcome(None, f"the toolbox agent does not know {self.name} and its "
+                                                       "container list could not be read; nothing changed", 502,
+                                                 "toolbox_failed"))
+        failure = Outcome(Status.ERROR, f"container {self.name} no longer exists on the toolbox; remove this server "
+                                        "and deploy it again", 409, "container_gone")
+        self.settle(expected, failure.to, failure.message)
+        return failure
+
+    # -- the agent's verbs ------------------------------------------------------------------
 
     def stop(self) -> Outcome | None:
-        """None when stopped (or already stopped); otherwise the failure."""
+        """None when stopped (or already stopped); otherwise the failure, already recorded."""
         try:
-            self.rt.dtma.stop(self.target, self.name, self.budget())
+            self.rt.dtma.stop(self.target, self.name, self.timeout)
         except DtmaRejected as exc:
             if exc.status == 500 and _ALREADY_STOPPED in exc.agent_message:
                 return None
             if exc.status == 404:
-                return self.not_managed("stop")
-            return from_dtma_error(exc, action="stop", name=self.name)
+                return self.not_managed(Status.STOPPING, "stop")
+            # The agent tried and Docker refused: the container is as it was.
+            return self.revert(Status.STOPPING, from_dtma_error(exc, action="stop", name=self.name))
         except DtmaError as exc:
-            return from_dtma_error(exc, action="stop", name=self.name)
+            return self._failed(Status.STOPPING, exc, "stop")
         return None
 
     def start(self) -> Outcome | None:
         try:
-            self.rt.dtma.start(self.target, self.name, self.budget())
+            self.rt.dtma.start(self.target, self.name, self.timeout)
         except DtmaRejected as exc:
             if exc.status == 404:
-                return self.not_managed("start")
-            return from_dtma_error(exc, action="start", name=self.name)
+                return self.not_managed(Status.STARTING, "start")
+            failure = from_dtma_error(exc, action="start", name=self.name)
+            self.settle(Status.STARTING, failure.to, failure.message)
+            return failure
         except DtmaError as exc:
-            return from_dtma_error(exc, action="start", name=self.name)
+            return self._failed(Status.STARTING, exc, "start")
         return None
 
-    def remove(self) -> Outcome | None:
+    def confirm_running(self) -> _Result:
+        """After the agent's 200 for a start: look before saying `running` (the agent's start does
+        not inspect the container, and one that exits at once is still a 200). Unconfirmed: the
+        next heartbeat settles it."""
+        listed = self.listing()
+        if listed is None:
+            self.settle(Status.STARTING, None, f"the toolbox agent started {self.name}; waiting for a report that "
+                                               "it runs")
+            return _Result(confirmed=False)
+        state = str(listed.get("status") or "") if listed else "gone"
+        if state == "running":
+            self.settle(Status.STARTING, Status.RUNNING, f"container {self.name} started and runs")
+            return _Result()
+        if state in ("exited", "gone"):
+            message = (lifecycle.unexpected_exit(self.name, None).replace("exited unexpectedly",
+                                                                          "exited right after it was started", 1)
+                       if state == "exited" else
+                       f"container {self.name} disappeared right after it was started; remove this server and "
+                       "deploy it again")
+            failure = Outcome(Status.ERROR, message, 502, "container_exited")
+            self.settle(Status.STARTING, failure.to, failure.message)
+            return _Result(failure)
+        self.settle(Status.STARTING, None, f"container {self.name} is {state} after the start; waiting for a report")
+        return _Result(confirmed=False)
+
+    def remove(self) -> _Result:
         try:
-            self.rt.dtma.remove(self.target, self.name, self.budget())
+            self.rt.dtma.remove(self.target, self.name, self.timeout)
         except DtmaRejected as exc:
-            if exc.status == 404:
-                outcome = self.not_managed("remove")
-                return None if outcome.code == "container_gone" else outcome
-            return from_dtma_error(exc, action="remove", name=self.name)
+            if exc.status != 404:
+                return _Result(self.revert(Status.DELETING, from_dtma_error(exc, action="remove", name=self.name)))
+            listed = self.listing()
+            if listed:
+                left = (f"container {self.name} is still on the droplet: the toolbox agent no longer manages it, so "
+                        f"it could not remove it. Run docker rm -f {self.name} on the droplet to free its name and "
+                        "port")
+            elif listed is None:
+                left = (f"the toolbox agent does not know {self.name} and its container list could not be read: "
+                        f"check the droplet for a container named {self.name} (docker ps -a)")
+            else:
+                left = None
+            self.finish_removal(f"record of {self.name} removed; {left}" if left else
+                                f"container {self.name} was already gone from the toolbox; record removed")
+            return _Result(removed=True, left_on_toolbox=left)
         except DtmaError as exc:
-            return from_dtma_error(exc, action="remove", name=self.name)
-        return None
+            failure = self._failed(Status.DELETING, exc, "remove")
+            if not failure.reached:
+                failure = replace(failure, message=failure.message + "; or remove only this record with force=true "
+                                                                     "(the container, if any, stays on the droplet)")
+            return _Result(failure)
+        self.finish_removal(f"container {self.name} removed from the toolbox")
+        return _Result(removed=True)
+
+    def _failed(self, expected: Status, exc: DtmaError, verb: str) -> Outcome:
+        failure = from_dtma_error(exc, action=verb, name=self.name)
+        if not failure.reached:
+            return self.revert(expected, failure)
+        self.settle(expected, failure.to, failure.message)
+        return failure
 
 
-def _run(steps: _Steps, action: str, recorded: Status) -> Outcome | None:
-    """Drive the DTMA from the recorded status to the action's goal. None: done, all recorded."""
+def _run(steps: _Steps, action: str, recorded: Status) -> _Result:
+    """Drive the DTMA from the recorded status to the action's goal, recording every step."""
     if recorded is Status.DELETING:
-        failure = steps.remove()
-        if failure is None:
-            steps.rt.db.call("cp_finish_removal", p_instance_id=steps.instance["id"],
-                             p_message=f"container {steps.name} removed from the toolbox")
-            return None
-        return _settled(steps, Status.DELETING, failure)
+        return steps.remove()
     if recorded is Status.STOPPING:
         failure = steps.stop()
         if failure is not None:
-            return _settled(steps, Status.STOPPING, failure)
+            return _Result(failure)
         if action == "stop":
             steps.settle(Status.STOPPING, Status.STOPPED, f"container {steps.name} stopped")
-            return None
+            return _Result()
         steps.settle(Status.STOPPING, Status.STARTING, f"container {steps.name} stopped; starting it again")
+        steps.previous, steps.previous_error = Status.STOPPED.value, None  # what a failed start leaves
     failure = steps.start()
     if failure is not None:
-        return _settled(steps, Status.STARTING, failure)
-    steps.settle(Status.STARTING, Status.RUNNING, f"container {steps.name} started")
-    return None
+        return _Result(failure)
+    return steps.confirm_running()
 
 
-def _settled(steps: _Steps, expected: Status, failure: Outcome) -> Outcome:
-    steps.settle(expected, failure.to, failure.message)
-    return failure
+def _force_remove(rt: Runtime, instance: dict[str, Any]) -> Reply:
+    name = instance["instance_name_on_toolbox"]
+    left = (f"the toolbox was not asked to remove container {name}; if it still exists there, run docker rm -f {name} "
+            "on the droplet")
+    rt.db.call("cp_finish_removal", p_instance_id=instance["id"],
+               p_message=f"record of {name} removed (forced); {left}")
+    return Reply(200, {"id": instance["id"], "name": name, "status": "removed", "left_on_toolbox": left})
 
 
-def act(rt: Runtime, user_id: str, instance_id: str, action_name: str) -> Reply:
-    action = lifecycle.ACTIONS[action_name]
-    begun = rt.db.call("cp_begin_action", p_user_id=user_id, p_instance_id=instance_id, p_action=action.name,
-                       p_plan={k.value: v.value for k, v in action.plan.items()},
-                       p_message=f"{action.name} requested", p_allow_internal=rt.settings.ALLOW_PRIVATE_TOOLBOX_IPS)
+def act(rt: Runtime, user_id: str, request: _Request) -> Reply:
+    action = lifecycle.ACTIONS[request.action]
+    begun = rt.db.call("cp_begin_action", p_user_id=user_id, p_instance_id=request.instance_id,
+                       p_action=action.name, p_plan={k.value: v.value for k, v in action.plan.items()},
+                       p_message=f"{action.name} requested" + (" (forced)" if request.force else ""),
+                       p_allow_internal=rt.settings.ALLOW_PRIVATE_TOOLBOX_IPS)
     instance, toolbox = begun["instance"], begun["toolbox"]
     recorded = Status(instance["status_on_toolbox"])
+    if request.force:
+        if recorded is not Status.DELETING:
+            raise ApiError(400, "invalid_request", "force applies to remove only", {"field": "force"})
+        return _force_remove(rt, instance)
     try:
         target = rt.dtma.target(toolbox)
     except AddressRefused as exc:
-        rt.db.call("cp_settle", p_instance_id=instance_id, p_expected=recorded.value, p_to=Status.ERROR.value,
+        rt.db.call("cp_revert_action", p_instance_id=instance["id"], p_expected=recorded.value,
+                   p_previous=begun["previous_status"], p_previous_error=begun.get("previous_error"),
                    p_message=exc.message)
         raise ApiError(409, "toolbox_address_refused", exc.message) from None
-    failure = _run(_Steps(rt, target, instance), action.name, recorded)
-    if recorded is Status.DELETING and failure is None:
-        return Reply(200, {"id": instance_id, "name": instance["instance_name_on_toolbox"], "status": "removed"})
-    view = status.read_server(rt, user_id, instance_id)
-    if failure is None:
-        return Reply(200, view)
-    if failure.http_status == 202:
+    done, result = background.run_within(rt.settings.DTMA_DEPLOY_BUDGET_SECONDS,
+                                         lambda: _run(_Steps(rt, target, begun), action.name, recorded))
+    name = instance["instance_name_on_toolbox"]
+    if done and result is not None and result.removed:
+        return Reply(200, {"id": instance["id"], "name": name, "status": "removed",
+                           "left_on_toolbox": result.left_on_toolbox})
+    view = status.read_server(rt, user_id, instance["id"])
+    if not done or result is None or not result.confirmed:
         return Reply(202, view)
-    raise ApiError(failure.http_status, failure.code, failure.message, {"server": view})
+    if result.failure is None:
+        return Reply(200, view)
+    raise ApiError(result.failure.http_status, result.failure.code, result.failure.message, {"server": view})
 
 
 def handle(call: Call, rt: Runtime) -> Reply:
     user = authenticate(call.header("Authorization"), rt.verifier)
-    instance_id, action, body = _route(call)
-    call.log_fields.update({"user_id": user.user_id, "instance_id": instance_id, "action": action})
+    request = _route(call)
+    call.log_fields.update({"user_id": user.user_id, "instance_id": request.instance_id, "action": request.action})
     return idempotency.run(rt.db, rt.settings, call, user_id=user.user_id, scope="manage",
-                           body={"instance_id": instance_id, "action": action, "body": body},
-                           work=lambda: act(rt, user.user_id, instance_id, action))
+                           body={"instance_id": request.instance_id, "action": request.action,
+                                 "force": request.force, "body": request.body},
+                           work=lambda: act(rt, user.user_id, request))

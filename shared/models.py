@@ -13,7 +13,7 @@ import re
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from shared.errors import ApiError
 
@@ -97,6 +97,8 @@ class ActionRequest(_Strict):
 
     instance_id: UUID = Field(validation_alias=_aliases("instance_id", "instanceId", "id"))
     action: Literal["start", "stop", "restart", "remove", "delete"]
+    # remove only: drop the record without asking the agent (an unreachable or deleted droplet).
+    force: StrictBool = False
 
 
 def _location(item: dict[str, Any]) -> str:

@@ -1,22 +1,35 @@
 """What a DTMA failure means for an instance, for the user, and for the HTTP answer.
 
-Deploy and every manage action map DTMA failures the same way, here, once:
+Deploy and every manage action map DTMA failures the same way, here, once. The agent's words are
+translated into a sentence a user can act on; what the real agent says in each case is recorded in
+docs/real-agent.md.
 
-| DTMA said                         | instance        | HTTP | why                                         |
-|-----------------------------------|-----------------|------|---------------------------------------------|
-| nothing within the budget         | unchanged       | 202  | it may still be pulling; heartbeat settles  |
-| connection refused / DNS / timeout| error           | 502  | the request never arrived                   |
-| 409 (name or port in use)         | error           | 409  | the user can pick another name or port      |
-| 401 / 403                         | error           | 502  | the toolbox holds another key: reissue it   |
-| any other status, bad body        | error           | 502  | the toolbox failed; its words are quoted    |
+| DTMA said                                   | instance             | HTTP | code                 |
+|---------------------------------------------|----------------------|------|----------------------|
+| nothing within the command timeout          | deploy: error, else unchanged | 504 | `toolbox_timeout` |
+| connection refused / DNS / connect timeout  | as before the action | 502  | `toolbox_unreachable`|
+| 409 (name or port in its own map)           | error                | 409  | `conflict`           |
+| 500 "port is already allocated"             | error                | 409  | `host_port_taken`    |
+| 500 Docker 409 "name ... already in use"    | error                | 409  | `name_taken`         |
+| 500 pull denied / "No such image"           | error                | 502  | `image_pull_failed`  |
+| 500 connect ECONNREFUSED/ENOENT (Docker)    | error                | 502  | `docker_down`        |
+| 401 / 403                                   | error                | 502  | `toolbox_key_rejected` |
+| any other status, bad body                  | error                | 502  | `toolbox_failed`     |
+
+`reached` is False when the request never arrived at the agent, so callers put the instance
+back where it was instead of recording a failure the toolbox never saw.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from shared.dtma import DtmaBadResponse, DtmaError, DtmaRejected, DtmaTimeout, DtmaUnreachable
-from shared.lifecycle import Status
+from shared.lifecycle import DOCKER_DOWN, Status
+
+_PORT_TAKEN = re.compile(r"Bind for (?:\[[^\]]*\]|[^ :]+):(\d+) failed: port is already allocated")
+_NAME_TAKEN = re.compile(r'container name "/?([^"]+)" is already in use')
 
 
 @dataclass(frozen=True)
@@ -25,29 +38,57 @@ class Outcome:
     message: str
     http_status: int
     code: str
+    reached: bool = True
 
 
 def from_dtma_error(exc: DtmaError, *, action: str, name: str) -> Outcome:
     if isinstance(exc, DtmaTimeout):
-        return Outcome(None, f"{exc.message}; it may still be working on it: the next heartbeat will tell "
-                             f"whether {name} is up", 202, "accepted")
+        return Outcome(Status.ERROR if action == "deploy" else None,
+                       f"{exc.message}; it may still be working on it: the next heartbeat will show whether {name} "
+                       "runs", 504, "toolbox_timeout")
     if isinstance(exc, DtmaUnreachable):
-        return Outcome(Status.ERROR, f"{exc.message}: check that the droplet is running and its port is "
-                                     f"open, then {action} {name} again", 502, "toolbox_unreachable")
+        return Outcome(None, f"the {action} of {name} never reached the toolbox: {exc.message}. Nothing changed on "
+                             f"the toolbox; check that the droplet is running and its port is open, then try again",
+                       502, "toolbox_unreachable", reached=False)
     if isinstance(exc, DtmaRejected):
-        said = exc.agent_message
-        if exc.status == 409:
-            return Outcome(Status.ERROR, f"the toolbox refused to {action} {name}: {said}", 409, "conflict")
-        if exc.status in (401, 403):
-            return Outcome(Status.ERROR, f"the toolbox agent refused the backend's key ({exc.status}); reissue "
-                                         "the toolbox's credentials (mcp-toolbox-credentials) and restart its "
-                                         "agent", 502, "toolbox_key_rejected")
-        if "pull access denied" in said or "No such image" in said or "manifest unknown" in said:
-            return Outcome(Status.ERROR, f"the toolbox could not pull the image for {name}: {said}. Check the "
-                                         "image name and tag, or make the image public", 502, "image_pull_failed")
-        return Outcome(Status.ERROR, f"the toolbox failed to {action} {name} ({exc.status}): {said}", 502,
-                       "toolbox_failed")
+        return _rejected(exc, action=action, name=name)
     if isinstance(exc, DtmaBadResponse):
         return Outcome(Status.ERROR, f"{exc.message}; {name}'s state will be known at the next heartbeat", 502,
                        "toolbox_failed")
     return Outcome(Status.ERROR, exc.message, 502, "toolbox_failed")
+
+
+def _rejected(exc: DtmaRejected, *, action: str, name: str) -> Outcome:
+    said = exc.agent_message
+    if exc.status == 409:
+        return Outcome(Status.ERROR, f"the toolbox refused to {action} {name}: {said}", 409, "conflict")
+    if exc.status in (401, 403):
+        return Outcome(Status.ERROR, f"the toolbox agent refused the backend's key ({exc.status}); reissue "
+                                     "the toolbox's credentials (mcp-toolbox credentials) and restart its "
+                                     "agent", 502, "toolbox_key_rejected")
+    if match := _PORT_TAKEN.search(said):
+        return Outcome(Status.ERROR, f"host port {match[1]} is already taken on the toolbox by a container this "
+                                     f"service does not manage, so {name} could not start. The agent left a "
+                                     f"container named {name} behind that it cannot remove: remove this server, "
+                                     f"run docker rm -f {name} on the droplet, then deploy again (leave host_port "
+                                     "out to get a free port)", 409, "host_port_taken")
+    if match := _NAME_TAKEN.search(said):
+        return Outcome(Status.ERROR, f"a container named {match[1]} already exists on the toolbox and was not "
+                                     "created by this deploy; pick another name, or remove that container on the "
+                                     "droplet", 409, "name_taken")
+    if "pull access denied" in said or "manifest unknown" in said:
+        return Outcome(Status.ERROR, f"the toolbox could not pull the image for {name}: {said}. Check the image "
+                                     "name and tag, or make the image public", 502, "image_pull_failed")
+    if "No such image" in said:
+        # The agent misses errors reported inside Docker's pull stream and then fails to create
+        # the container with "No such image" (docs/real-agent.md).
+        return Outcome(Status.ERROR, f"the toolbox could not pull the image for {name}: the pull failed on the "
+                                     f"toolbox (the agent reports: {said}). Check the image name and tag, that "
+                                     "the registry lets the droplet pull it, and the droplet's disk space", 502,
+                       "image_pull_failed")
+    if DOCKER_DOWN.search(said):
+        return Outcome(Status.ERROR, f"Docker is not answering on the toolbox, so the agent could not {action} "
+                                     f"{name} (it says: {said}). On the droplet: systemctl status docker", 502,
+                       "docker_down")
+    return Outcome(Status.ERROR, f"the toolbox failed to {action} {name} ({exc.status}): {said}", 502,
+                   "toolbox_failed")

@@ -232,6 +232,9 @@ def _unknown_reason(row: dict[str, Any], box: dict[str, Any], age: float | None)
     """Why the status is unknown, as something the user can check."""
     name, stored = box["name"] or box["id"], row["status"]
     until = f"{row['name']} was last known {stored}; its status is unknown until the toolbox reports again"
+    reached = box.get("reached_age_seconds")
+    if reached is not None and (age is None or reached < age):
+        return f"{_heartbeats_missing(box, age, reached)} {until}."
     if box["status"] in lifecycle.LIVE_TOOLBOX_STATUSES | {"unresponsive"}:
         if age is None:
             return f"toolbox {name} has never reported; {until}. Check that its DTMA agent is running."
@@ -243,38 +246,89 @@ def _unknown_reason(row: dict[str, Any], box: dict[str, Any], age: float | None)
     return f"{reason}; {until}."
 
 
-def _error(row: dict[str, Any], effective: lifecycle.Effective, box: dict[str, Any], age: float | None,
-           stale: bool) -> str | None:
+def _heartbeats_missing(box: dict[str, Any], age: float | None, reached: float) -> str:
+    """The agent answers the backend, but its heartbeats do not arrive: its configuration is wrong."""
+    last = "it has never sent one" if age is None else f"the last one arrived {_whole(age)} s ago"
+    return (f"toolbox {box['name'] or box['id']}'s agent answers the backend (read {_whole(reached)} s ago) but its "
+            f"heartbeats do not arrive ({last}). On the droplet, check AGENTOPIA_API_BASE_URL (the "
+            "dtma_heartbeat_ingest URL) and DTMA_AUTH_TOKEN (this toolbox's key) in /etc/dtma.conf, then restart "
+            "the agent.")
+
+
+def _docker_down(box: dict[str, Any]) -> str:
+    return (f"Docker is not answering on toolbox {box['name'] or box['id']} (its agent says: "
+            f"{box['docker_error']}); the state of its containers is unknown and nothing can be deployed, started "
+            "or stopped there until Docker is back. On the droplet: systemctl status docker")
+
+
+def _unmanaged(row: dict[str, Any]) -> str:
+    return (f"the toolbox agent no longer manages container {row['name']} (it restarted and forgot it), so it "
+            f"cannot stop, start or remove it. Remove this server (the record goes; run docker rm -f {row['name']} "
+            "on the droplet), then deploy it again")
+
+
+@dataclass(frozen=True)
+class _Truth:
+    """What we can say about one server now, from its row and its toolbox's liveness."""
+
+    effective: lifecycle.Effective
+    stale: bool
+    health: str
+    error: str | None
+
+
+def _truth(row: dict[str, Any], settings: Settings) -> _Truth:
+    box = row["toolbox"]
+    age, reached = box["heartbeat_age_seconds"], box.get("reached_age_seconds")
+    window = settings.stale_after_seconds
+    heartbeats_stale = lifecycle.is_stale(box["status"], age, window)
+    # A direct read of the agent within the window tells the containers' state as well as a
+    # heartbeat does; only the heartbeats' absence is then worth saying.
+    read_recently = (reached is not None and reached <= window
+                     and box["status"] in lifecycle.LIVE_TOOLBOX_STATUSES | {"unresponsive"})
+    stale = heartbeats_stale and not read_recently
+    if box.get("docker_error") and not stale:
+        return _Truth(lifecycle.Effective.UNKNOWN, False, "unhealthy", _docker_down(box))
+    effective = lifecycle.effective_status(row["status"], stale=stale)
+    health = lifecycle.health(effective, age if not heartbeats_stale else None, settings.HEALTH_DEGRADED_AFTER_SECONDS)
+    notes: list[str] = []
     if effective is lifecycle.Effective.ERROR:
-        return row["error_message"] or f"{row['name']} failed without a recorded reason; restart or remove it"
-    if effective is lifecycle.Effective.UNKNOWN:
-        if stale:
-            return _unknown_reason(row, box, age)
-        return f"{row['name']} has status {row['status']}, which this service does not manage."
-    return None
+        notes.append(row["error_message"] or f"{row['name']} failed without a recorded reason; restart or remove it")
+    elif effective is lifecycle.Effective.UNKNOWN:
+        notes.append(_unknown_reason(row, box, age) if stale else
+                     f"{row['name']} has status {row['status']}, which this service does not manage.")
+    elif heartbeats_stale and reached is not None:
+        notes.append(_heartbeats_missing(box, age, reached))
+    if row.get("agent_unmanaged_at") and not stale:
+        notes.append(_unmanaged(row))
+        if health == "healthy":
+            health = "degraded"
+    return _Truth(effective, stale, health, " ".join(notes) or None)
 
 
 def server_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """One server exactly as the API documents it (README "mcp_status")."""
     box = row["toolbox"]
     age = box["heartbeat_age_seconds"]
-    stale = lifecycle.is_stale(box["status"], age, settings.stale_after_seconds)
-    effective = lifecycle.effective_status(row["status"], stale=stale)
-    running = effective is lifecycle.Effective.RUNNING
+    truth = _truth(row, settings)
+    running = truth.effective is lifecycle.Effective.RUNNING
     return {
         "id": row["id"],
         "name": row["name"],
         "toolbox": {"id": box["id"], "name": box["name"], "region": box["region_slug"],
                     "status": box["status"], "last_heartbeat_at": box["last_heartbeat_at"],
-                    "seconds_since_heartbeat": _whole(age)},
+                    "seconds_since_heartbeat": _whole(age),
+                    "docker_healthy": not box.get("docker_error"),
+                    "agent_last_reached_at": box.get("dtma_last_reached_at")},
         "status": row["status"],
-        "effective_status": effective.value,
-        "health": lifecycle.health(effective, age, settings.HEALTH_DEGRADED_AFTER_SECONDS),
-        "stale": stale,
+        "effective_status": truth.effective.value,
+        "health": truth.health,
+        "stale": truth.stale,
+        "managed_by_agent": not row.get("agent_unmanaged_at"),
         "endpoint": endpoint(box["public_ip_address"], row["host_port"], row["endpoint_path"]),
         "transport": row["transport"],
         "image": row["image"],
-        "error": _error(row, effective, box, age, stale),
+        "error": truth.error,
         "progress": [{"at": e["at"], "from": e["from"], "to": e["to"], "message": e["message"],
                       "source": e["source"]} for e in row["events"]],
         # Since we recorded it entering `running`, the only start time we know for certain.
@@ -296,7 +350,8 @@ def _summary(item: Any) -> ContainerSummary | None:
     """A /tools/status item as the heartbeat's container summary, or None when unusable.
 
     Docker's raw port keys (`IP`, `PrivatePort`, ...) become the heartbeat's snake_case ones and
-    `status` (the Docker *state* here) becomes `state`; the read carries no status text.
+    `status` (the Docker *state* here) becomes `state`; the read carries no status text, so no
+    exit code either.
     """
     from shared.heartbeat import ContainerSummary
 
@@ -305,17 +360,23 @@ def _summary(item: Any) -> ContainerSummary | None:
     raw_ports = item.get("ports") if isinstance(item.get("ports"), list) else []
     ports = [{"ip": p.get("IP"), "private_port": p.get("PrivatePort"), "public_port": p.get("PublicPort"),
               "type": p.get("Type")} for p in raw_ports if isinstance(p, dict)]
+    created = item.get("created")
     try:
         return ContainerSummary.model_validate({
             "id": str(item.get("container_id") or ""), "names": [item["instance_name_on_toolbox"]],
             "image": item.get("image") or "", "state": item.get("status") or "", "status": "",
-            "created": item.get("created"), "ports": ports})
+            "created": created if isinstance(created, int | float) and not isinstance(created, bool) else None,
+            "ports": ports})
     except ValidationError:
         return None
 
 
 def report_from_tool_status(answer: dict[str, Any]) -> dict[str, Any]:
-    """`GET /tools/status` as a reconciliation report (the heartbeat's shape, containers only)."""
+    """`GET /tools/status` as a reconciliation report (the heartbeat's shape, containers only).
+
+    Each item also says which instance id the agent associates with the container
+    (`agent_instance_id`, null when it does not manage it: after a restart it forgets them all).
+    """
     from shared.heartbeat import container_observation
 
     containers = []
@@ -324,10 +385,8 @@ def report_from_tool_status(answer: dict[str, Any]) -> dict[str, Any]:
         if summary is None:
             continue
         observation = container_observation(summary)
-        if summary.state == "exited":
-            # The heartbeat parses the exit code from Docker's status text; this read has none.
-            observation["message"] = (f"container {observation['names'][0]} has exited (the DTMA status "
-                                      "read does not include its exit code)")
+        managed = item.get("account_tool_instance_id")
+        observation["agent_instance_id"] = managed if isinstance(managed, str) and managed else None
         containers.append(observation)
     # Absences are never counted for a DTMA read (cp_reconcile_toolbox); full_list says so too.
     return {"containers": containers, "instances": [], "full_list": False, "docker_error": None}
@@ -366,22 +425,30 @@ def refresh(items: list[dict[str, Any]], user_id: str, deps: Deps) -> dict[str, 
 
 
 def _apply(future: Future[dict[str, Any]], box: dict[str, Any], user_id: str, db: Database) -> dict[str, Any]:
-    from shared.dtma import DtmaError
+    from shared.dtma import DtmaError, DtmaRejected
 
     try:
         answer = future.result()
+        report = report_from_tool_status(answer)
+    except DtmaRejected as exc:
+        if exc.status != 500 or not lifecycle.DOCKER_DOWN.search(exc.agent_message):
+            return {"ok": False, "error": exc.message}
+        # The agent answers but cannot reach Docker: worth recording, like a heartbeat saying so.
+        report = {"containers": [], "instances": [], "full_list": False, "docker_error": exc.agent_message[:500]}
+        answer = {"tool_instances": []}
     except DtmaError as exc:
         return {"ok": False, "error": exc.message}
     except Exception:
         log.exception("refresh of toolbox %s failed", box["id"])
         return {"ok": False, "error": "reading the toolbox agent failed unexpectedly"}
-    report = report_from_tool_status(answer)
     try:
         applied = db.call("cp_refresh_from_dtma", p_user_id=user_id, p_toolbox_id=box["id"], p_report=report)
     except ApiError as exc:
         if exc.status >= 500:
             raise
         return {"ok": False, "error": exc.message}
+    if report["docker_error"]:
+        return {"ok": False, "error": f"Docker is not answering on the toolbox: {report['docker_error']}"}
     return {"ok": True, "containers": len(answer["tool_instances"]), "matched": applied["matched"],
             "transitions": applied["transitions"]}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -20,9 +21,10 @@ FN = "dtma_heartbeat_ingest"
 
 
 def container(name: str, state: str = "running", status: str = "Up 1 minute", **extra: Any) -> dict[str, Any]:
-    """A container summary exactly as the real DTMA sends it (reference §3.10)."""
+    """A container summary exactly as the real DTMA sends it (tests/fixtures/real-dtma-heartbeat-*.json),
+    created now: after the instance rows a test arranges, as a container this service deployed is."""
     return {"id": hashlib.sha256(name.encode()).hexdigest(), "names": [name], "image": "mcp/github:latest",
-            "image_id": "sha256:" + "ab" * 32, "command": "docker-entrypoint.sh", "created": 1764000000,
+            "image_id": "sha256:" + "ab" * 32, "command": "docker-entrypoint.sh", "created": int(time.time()),
             "state": state, "status": status,
             "ports": [{"ip": "0.0.0.0", "private_port": 8080, "public_port": 49152, "type": "tcp"}], **extra}
 
@@ -57,7 +59,7 @@ def test_real_dtma_payload_with_50_containers_of_which_3_are_managed(client: Fla
     box = factory.toolbox(status="awaiting_heartbeat", heartbeat_age_seconds=None)
     running = factory.instance(box, name="mcp-github", status="deploying")
     crashed = factory.instance(box, name="mcp-slack", status="running")
-    stopped = factory.instance(box, name="mcp-notion", status="running")
+    stopped = factory.instance(box, name="mcp-notion", status="stopping")  # the user asked for this stop
     items = [container("dtma_manager", image="ghcr.io/maverick-software/dtma-agent:latest")]
     items += [container(f"/unmanaged-{n}") for n in range(46)]
     items += [container("/mcp-github"), container("mcp-slack", "exited", "Exited (1) 5 minutes ago"),
@@ -69,7 +71,8 @@ def test_real_dtma_payload_with_50_containers_of_which_3_are_managed(client: Fla
     assert factory.status_of(running) == "running"
     assert factory.status_of(crashed) == "error"
     assert factory.status_of(stopped) == "stopped"
-    assert factory.events(crashed)[-1] == ("running", "error", "heartbeat", "container mcp-slack exited with code 1")
+    assert factory.events(crashed)[-1][:3] == ("running", "error", "heartbeat")
+    assert factory.events(crashed)[-1][3].startswith("container mcp-slack exited unexpectedly with code 1.")
     row = toolbox_row(pg, box)
     assert row["status"] == "active" and row["age"].total_seconds() < 5
     assert row["dtma_last_known_version"] == "0.1.0"
@@ -112,6 +115,9 @@ def test_sequence_ordering(client: FlaskClient, factory: Factory) -> None:
     box = factory.toolbox()
     inst = factory.instance(box, status="running", name="srv")
     boot = str(uuid.uuid4())
+    pg_stop = factory.conn.execute("update account_tool_instances set status_on_toolbox = 'stopping' where id = %s",
+                                   (inst,))
+    assert pg_stop.rowcount == 1  # the user asked for a stop; this beat confirms it
     assert post(client, box, beat(container("srv", "exited", "Exited (0) now"), boot_id=boot, seq=5)).status_code == 204
     assert factory.status_of(inst) == "stopped"
     # An older beat (seq 4) and a duplicate (seq 5) arrive late: acknowledged, ignored.
@@ -120,10 +126,23 @@ def test_sequence_ordering(client: FlaskClient, factory: Factory) -> None:
         assert factory.status_of(inst) == "stopped"
     assert post(client, box, beat(container("srv"), boot_id=boot, seq=6)).status_code == 204
     assert factory.status_of(inst) == "running"
-    # The agent restarted: a new boot id starts its own sequence.
+    # The agent restarted: a new boot id starts its own sequence (and an exit nobody asked for is
+    # an error, whatever its code).
     assert post(client, box, beat(container("srv", "exited", "Exited (0) now"),
                                   boot_id=str(uuid.uuid4()), seq=1)).status_code == 204
-    assert factory.status_of(inst) == "stopped"
+    assert factory.status_of(inst) == "error"
+
+
+def test_an_absurd_seq_cannot_blind_a_toolbox(client: FlaskClient, factory: Factory) -> None:
+    """One beat with a huge seq must not make every later genuine beat of the run be ignored."""
+    box = factory.toolbox()
+    inst = factory.instance(box, status="running", name="srv")
+    boot = str(uuid.uuid4())
+    assert post(client, box, beat(container("srv"), boot_id=boot, seq=2**62)).status_code == 204
+    assert post(client, box, beat(container("srv", "exited", "Exited (137) now"), boot_id=boot,
+                                  seq=7)).status_code == 204
+    assert factory.status_of(inst) == "error"
+    assert "code 137" in factory.events(inst)[-1][3]
 
 
 def test_without_sequence_newest_arrival_wins(client: FlaskClient, factory: Factory) -> None:
@@ -143,7 +162,8 @@ def test_a_container_missing_from_two_consecutive_heartbeats_is_an_error(client:
     assert factory.status_of(inst) == "running"
     assert post(client, box, beat(container("dtma_manager"))).status_code == 204
     assert factory.status_of(inst) == "error"
-    assert factory.events(inst)[-1][3] == "container ghost not found on toolbox (missing from 2 consecutive heartbeats)"
+    assert factory.events(inst)[-1][3] == ("container ghost is no longer on the toolbox (missing from 2 consecutive "
+                                           "heartbeats); remove this server and deploy it again")
     assert factory.status_of(deploying) == "deploying"
 
 

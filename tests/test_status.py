@@ -399,9 +399,10 @@ def test_refresh_applies_what_the_dtma_reports(client: FlaskClient, factory: Fac
     assert servers[deploying]["progress"][-1] == {**servers[deploying]["progress"][-1], "from": "deploying",
                                                   "to": "running", "source": "dtma",
                                                   "message": "container github is running"}
-    assert servers[crashed]["status"] == "stopped"
-    assert servers[crashed]["progress"][-1]["message"] == (
-        "container slack has exited (the DTMA status read does not include its exit code)")
+    # It exited with code 3 and nobody asked it to stop: an error, even though this read has no code.
+    assert servers[crashed]["status"] == servers[crashed]["effective_status"] == "error"
+    assert servers[crashed]["error"].startswith("container slack exited unexpectedly (the agent's status read does "
+                                                "not carry the exit code; the next heartbeat will)")
     # Absence in one read is not a verdict, and a read is not a heartbeat.
     assert servers[gone]["status"] == "running" and factory.events(gone) == []
     assert heartbeat_at(pg, box) == before
@@ -437,8 +438,13 @@ def test_refresh_when_the_dtma_answers_an_error(client: FlaskClient, factory: Fa
     agent, box = agent_box
     factory.instance(box, status="running", name="github")
     agent.set_docker_down()
-    result = listing(client, box.user_id, refresh="true")["refresh"][box.id]
-    assert result["ok"] is False and "answered 500" in result["error"]
+    body = listing(client, box.user_id, refresh="true")
+    result = body["refresh"][box.id]
+    assert result["ok"] is False and result["error"].startswith("Docker is not answering on the toolbox")
+    # What the read found is recorded: the server says Docker is down, not "running".
+    server = body["servers"][0]
+    assert server["effective_status"] == "unknown" and server["health"] == "unhealthy"
+    assert server["toolbox"]["docker_healthy"] is False and "Docker is not answering" in server["error"]
 
 
 def test_refresh_within_its_budget_when_the_dtma_hangs(function_client: Any, factory: Factory,

@@ -1,0 +1,47 @@
+"""Agent commands that outlive the request that started them.
+
+The agent's deploy is synchronous (it pulls the image inside the request, for minutes) and a
+stop waits for Docker's stop timeout. A user-facing function waits for a command only a short
+budget and then answers 202; the command goes on in this process's pool and records its outcome
+the moment the agent answers, so the answer is not lost.
+
+This is the in-process form of the command worker: it needs the process to live until the agent
+answers, which holds for the local stack and for a Cloud Run instance with CPU allocated outside
+requests. If the process dies first, the sweep's deadline still fails the command with a reason.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+log = logging.getLogger("mcp.background")
+
+T = TypeVar("T")
+
+# Bounded: a burst of slow deploys queues here instead of opening unbounded threads; each worker
+# holds one agent call.
+MAX_COMMANDS = 16
+_pool = ThreadPoolExecutor(max_workers=MAX_COMMANDS, thread_name_prefix="dtma-command")
+
+
+def _log_late_failure(future: Future[object]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("an agent command failed after its request had answered", exc_info=exc)
+
+
+def run_within(budget: float, command: Callable[[], T]) -> tuple[bool, T | None]:
+    """Run `command` in the pool; (True, result) if it ended within `budget` seconds, else
+    (False, None) and it goes on. Exceptions within the budget propagate to the caller."""
+    context = contextvars.copy_context()  # request-scoped secrets reach the command's redaction
+    future = _pool.submit(context.run, command)
+    try:
+        return True, future.result(timeout=budget)
+    except FutureTimeout:
+        future.add_done_callback(_log_late_failure)
+        return False, None

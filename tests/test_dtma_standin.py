@@ -1,4 +1,8 @@
-"""The DTMA stand-in answers like the real agent (contract §3.10), over real loopback HTTP.
+"""The DTMA stand-in answers like the real agent, over real loopback HTTP.
+
+The call-by-call comparison with answers recorded from the real agent is in
+``test_standin_vs_real.py``; this module tests the stand-in's own features and the quirks
+in more variations than the recorded scenario covers.
 
 No mocks: every test talks to a started StandInAgent with httpx, and heartbeats are
 received by a small http.server in this file. Intervals are tens of milliseconds and
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -170,14 +175,25 @@ def test_request_log_records_valid_auth_but_never_the_token(
 def test_status_is_unauthenticated_and_shaped_like_the_agent(agent: StandInAgent) -> None:
     body = httpx.get(f"{agent.url}/status", trust_env=False).json()
     assert body["status"] == "healthy" and body["service"] == "DTMA" and body["version"] == "0.1.0"
-    assert body["environment"] == {
-        "hasAuthToken": True,
-        "hasApiKey": True,
+    assert body["environment"] == {  # the flags read env vars; the real token comes from /etc/dtma.conf
+        "hasAuthToken": False,
+        "hasApiKey": False,
         "hasApiBaseUrl": False,
         "port": str(agent.port),
     }
     assert [item["names"] for item in body["tool_instances"]] == [["dtma_manager"]]
     assert set(body["system_metrics"]) == {"cpu_load_percent", "memory", "disk"}
+
+
+def test_status_flags_follow_the_process_environment() -> None:
+    env = {"DTMA_BEARER_TOKEN": "x", "AGENTOPIA_API_BASE_URL": "http://backend", "BACKEND_TO_DTMA_API_KEY": ""}
+    with StandInAgent(TOKEN, process_env=env) as agent:
+        environment = httpx.get(f"{agent.url}/status", trust_env=False).json()["environment"]
+    assert (environment["hasAuthToken"], environment["hasApiKey"], environment["hasApiBaseUrl"]) == (
+        True,
+        False,
+        True,
+    )
 
 
 def test_unknown_routes_answer_express_404(client: httpx.Client) -> None:
@@ -294,6 +310,59 @@ def test_pull_denied_image_is_500_with_dockerode_text(client: httpx.Client) -> N
     )
 
 
+def test_stream_error_image_pulls_then_fails_at_create_leaving_nothing(
+    agent: StandInAgent, client: httpx.Client
+) -> None:
+    agent.set_pull_delay(0.15)
+    started = time.monotonic()
+    response = client.post("/tools", json=deploy_body("broken", "standin/stream-error", HostConfig=ports("49180")))
+    assert time.monotonic() - started >= 0.15  # the stream ran for the whole pull before its error
+    assert (response.status_code, response.json()) == (
+        500,
+        {
+            "success": False,
+            "message": "Failed to deploy tool 'broken'.",
+            "error": "(HTTP code 404) no such container - No such image: standin/stream-error:latest ",
+        },
+    )
+    assert "broken" not in [c.name for c in agent.containers()]
+    assert client.post("/tools/broken/stop").status_code == 404  # never entered the managed map
+    again = client.post("/tools", json=deploy_body("broken", "standin/stream-error:2.0"))
+    assert again.json()["error"] == "(HTTP code 404) no such container - No such image: standin/stream-error:2.0 "
+
+
+def test_images_can_be_made_to_fail_by_name() -> None:
+    with (
+        StandInAgent(
+            TOKEN,
+            pull_denied_images=["mcp/gone"],
+            pull_stream_error_images=["mcp/flaky:1.0"],
+            exit_images={"mcp/stdio": 2},
+        ) as agent,
+        httpx.Client(base_url=agent.url, headers=AUTH, trust_env=False) as http,
+    ):
+        denied = http.post("/tools", json=deploy_body("gone", "mcp/gone:3")).json()["error"]
+        assert denied.startswith("(HTTP code 404) unexpected - pull access denied for mcp/gone, repository")
+        flaky = http.post("/tools", json=deploy_body("flaky", "mcp/flaky:1.0")).json()["error"]
+        assert flaky == "(HTTP code 404) no such container - No such image: mcp/flaky:1.0 "
+        assert http.post("/tools", json=deploy_body("flaky-ok", "mcp/flaky:1.1")).status_code == 201  # other tag
+        exited = http.post("/tools", json=deploy_body("stdio", "mcp/stdio")).json()["data"]["state"]
+        assert (exited["Status"], exited["ExitCode"]) == ("exited", 2)
+        assert http.post("/_standin/images", json={"image": "mcp/gone"}).json() == {"ok": True}  # rule dropped
+        assert http.post("/tools", json=deploy_body("gone", "mcp/gone:3")).status_code == 201
+        assert http.post("/_standin/images", json={"image": "mcp/x", "pull": "stream-error"}).status_code == 200
+        assert http.get("/_standin/state").json()["image_rules"] == {
+            "mcp/flaky:1.0": {"pull": "stream-error", "exit_code": None},
+            "mcp/stdio": {"pull": "ok", "exit_code": 2},
+            "mcp/x": {"pull": "stream-error", "exit_code": None},
+        }
+        assert http.post("/tools", json=deploy_body("xx", "mcp/x:9")).status_code == 500
+        assert http.post("/_standin/images", json={"image": "mcp/x", "pull": "maybe"}).status_code == 400
+        assert http.post("/_standin/images", json={"image": "", "pull": "ok"}).status_code == 400
+        with pytest.raises(ValueError, match="exit_code"):
+            agent.set_image_behaviour("mcp/y", exit_code=300)
+
+
 def test_deploy_waits_for_the_pull(agent: StandInAgent, client: httpx.Client) -> None:
     agent.set_pull_delay(0.15)
     started = time.monotonic()
@@ -379,7 +448,7 @@ def test_tools_status_lists_every_container_with_raw_docker_ports() -> None:
     assert by_name["dtma_manager"]["account_tool_instance_id"] is None
 
 
-# -- agent restart (§3.10) -------------------------------------------------------------------
+# -- agent restart ---------------------------------------------------------------------------
 
 
 def test_restart_agent_forgets_what_it_deployed(agent: StandInAgent, client: httpx.Client) -> None:
@@ -402,6 +471,80 @@ def test_restart_agent_forgets_what_it_deployed(agent: StandInAgent, client: htt
     assert "port is already allocated" in port_taken.json()["error"]
     assert next(c for c in agent.containers() if c.name == "other").state == "created"
     assert client.delete("/tools/other").status_code == 404
+
+
+def test_unmanaged_container_holding_a_port_leaves_an_orphan_the_agent_disowns(
+    agent: StandInAgent, client: httpx.Client
+) -> None:
+    snapshot = agent.add_unmanaged_container("legacy", host_port=49190)
+    assert (snapshot.state, snapshot.host_ports, snapshot.managed, snapshot.image) == (
+        "running",
+        (49190,),
+        False,
+        "busybox:latest",
+    )
+    clash = client.post("/tools", json=deploy_body("mcp-new", HostConfig=ports("49190")))
+    assert clash.status_code == 500  # the map-only pre-check passed; Docker's start refused the port
+    document = clash.json()
+    assert document["message"] == "Failed to deploy tool 'mcp-new'."
+    assert re.fullmatch(
+        r"\(HTTP code 500\) server error - driver failed programming external connectivity on endpoint "
+        r"mcp-new \([0-9a-f]{64}\): Bind for 0\.0\.0\.0:49190 failed: port is already allocated ",
+        document["error"],
+    )
+    orphan = next(c for c in agent.containers() if c.name == "mcp-new")
+    assert (orphan.state, orphan.managed, orphan.host_ports) == ("created", False, ())
+    missing = {"success": False, "error": "Tool instance 'mcp-new' not found or not managed by this DTMA."}
+    for method, path in [("DELETE", "/tools/mcp-new"), ("POST", "/tools/mcp-new/start")]:
+        response = client.request(method, path)
+        assert (response.status_code, response.json()) == (404, missing)
+    listed = {i["instance_name_on_toolbox"]: i for i in client.get("/tools/status").json()["tool_instances"]}
+    assert (listed["mcp-new"]["status"], listed["mcp-new"]["account_tool_instance_id"]) == ("created", None)
+    assert listed["legacy"]["ports"] == [{"IP": "0.0.0.0", "PrivatePort": 49190, "PublicPort": 49190, "Type": "tcp"}]
+    blocked = client.post("/tools", json=deploy_body("mcp-new", HostConfig=ports("49191")))
+    assert blocked.json()["error"].startswith('(HTTP code 409) unexpected - Conflict. The container name "/mcp-new"')
+
+
+def test_deploy_named_like_an_unmanaged_container_is_dockers_409(agent: StandInAgent, client: httpx.Client) -> None:
+    foreign = agent.add_unmanaged_container("old-job", "alpine:3.19", running=False, exit_code=1, age_seconds=3 * 3600)
+    response = client.post("/tools", json=deploy_body("old-job"))
+    assert (response.status_code, response.json()) == (
+        500,
+        {
+            "success": False,
+            "message": "Failed to deploy tool 'old-job'.",
+            "error": '(HTTP code 409) unexpected - Conflict. The container name "/old-job" is already in use by '
+            f'container "{foreign.id}". You have to remove (or rename) that container to be able to reuse '
+            "that name. ",
+        },
+    )
+    item = next(i for i in agent.heartbeat_payload()["tool_statuses"] if i["names"] == ["old-job"])
+    assert (item["state"], item["status"], item["ports"]) == ("exited", "Exited (1) 3 hours ago", [])
+
+
+def test_unmanaged_containers_through_the_control_surface(agent: StandInAgent) -> None:
+    with httpx.Client(base_url=agent.url, trust_env=False) as http:
+        created = http.post(
+            "/_standin/containers",
+            json={"name": "sidecar", "image": "nginx:1.27", "host_port": 49195, "container_port": 80},
+        )
+        assert created.status_code == 200
+        container = created.json()["container"]
+        assert (container["name"], container["state"], container["managed"]) == ("sidecar", "running", False)
+        assert container["port_bindings"] == {"80/tcp": [{"HostPort": "49195"}]}
+        stopped = http.post("/_standin/containers", json={"name": "batch", "running": False, "exit_code": 3})
+        assert (stopped.json()["container"]["state"], stopped.json()["container"]["exit_code"]) == ("exited", 3)
+        taken_port = http.post("/_standin/containers", json={"name": "other", "host_port": 49195})
+        assert taken_port.status_code == 409 and "port is already allocated" in taken_port.json()["error"]
+        assert "other" not in [c.name for c in agent.containers()]  # a refused start leaves nothing here
+        taken_name = http.post("/_standin/containers", json={"name": "sidecar"})
+        assert taken_name.status_code == 409 and "Conflict" in taken_name.json()["error"]
+        bad_bodies = [{}, {"name": "x1", "host_port": "80"}, {"name": "x1", "running": 0}]
+        bad_bodies += [{"name": "x1", "exit_code": 256}, {"name": "x1", "host_port": 70000}]
+        for bad in bad_bodies:
+            assert http.post("/_standin/containers", json=bad).status_code == 400, bad
+        http.post("/_standin/docker", json={"down": True})
+        assert http.post("/_standin/containers", json={"name": "late"}).status_code == 409
 
 
 # -- fault injection -------------------------------------------------------------------------
@@ -622,7 +765,7 @@ def test_human_duration_matches_docker() -> None:
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "DTMA_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "devstack.dtma_standin", "--port", "0", "--verbose"],
+        [sys.executable, "-m", "devstack.dtma_standin", "--port", "0", "--verbose", "--exit-image", "mcp/stdio=3"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -637,6 +780,8 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         url = line.split()[-1]
         assert httpx.get(f"{url}/health", trust_env=False).text == "OK"
         assert httpx.get(f"{url}/tools/status", headers=AUTH, trust_env=False).status_code == 200
+        deployed = httpx.post(f"{url}/tools", headers=AUTH, json=deploy_body("stdio", "mcp/stdio:1"), trust_env=False)
+        assert deployed.json()["data"]["state"]["ExitCode"] == 3
         process.send_signal(signal.SIGTERM)
         _, log = process.communicate(timeout=5)
         assert process.returncode == 0

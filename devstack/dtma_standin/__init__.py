@@ -2,10 +2,11 @@
 
 Each toolbox (droplet) runs the DTMA agent on port 30000; the control plane deploys MCP
 servers through it and the agent pushes a heartbeat every 60 s. This package answers the
-same requests with the same status codes, JSON bodies and quirks as the real agent (HEAD
-``82a6bec``, contract §3.2, §3.3, §3.6, §3.7 and above all §3.10), against an in-memory
-Docker engine, so integration tests, the local dev stack, demos and load benchmarks need
-no droplet.
+same requests with the same status codes, content types, JSON bodies and quirks as the
+real agent at commit ``82a6bec``, against an in-memory Docker engine, so integration tests,
+the local dev stack, demos and load benchmarks need no droplet. Answers recorded from the
+real agent live in ``tests/fixtures/real-dtma-*.json``; ``tests/test_standin_vs_real.py``
+replays the recorded scenario against the stand-in and fails on any drift.
 
 Quick start::
 
@@ -24,26 +25,40 @@ Routes (as the real agent)
     routes (``/restart``, ``/ssh/execute``, ``/diagnostics/*``, ``/mcp/*``) are left out on
     purpose: the control plane must not depend on them.
 
-Reproduced quirks (§3.10)
+Reproduced quirks (as the real agent shows them)
     malformed JSON is a 500 even without a token; deploy is synchronous (the pull happens
     inside the request) and answers 201 even when the container exited at once; a second
-    stop is a 500 ``(HTTP code 304) container already stopped``; after
+    stop is a 500 ``(HTTP code 304) container already stopped -  ``; after
     :meth:`StandInAgent.restart_agent` the agent forgets what it deployed (404 on
     stop/start/delete, ``account_tool_instance_id: null`` in ``/tools/status``, 500 name
     conflict on redeploy, 500 "port is already allocated" leaving a ``created`` container);
-    ``/status`` says "healthy" while Docker is down; heartbeats list *every* container,
-    including the agent's own ``dtma_manager`` and unmanaged ones, and never name the
-    toolbox. Docker error texts are dockerode's, trailing space included.
+    the port pre-check sees only the agent's own map, so a container it did not create
+    (:meth:`StandInAgent.add_unmanaged_container`) holding a port gives that same 500; an
+    error inside a pull's progress stream goes unnoticed until create fails with
+    "No such image"; ``/status`` says "healthy" while Docker is down and its ``has*`` flags
+    are false (they read environment variables, the token comes from ``/etc/dtma.conf``);
+    ``/tools/status`` hard-codes version ``1.0.0`` and port ``30000``; heartbeats list
+    *every* container, including the agent's own ``dtma_manager`` and unmanaged ones, and
+    never name the toolbox. Docker error texts are dockerode's, trailing space included.
 
 Image conventions (no configuration needed; any other image deploys and runs)
     ``standin/exit-<N>[:tag]``
         the container exits at once with code N (mod 256); deploy still answers 201 with
         ``state.Running: false, Status: "exited", ExitCode: N``; start runs it and it exits again.
     ``standin/pull-denied[:tag]``
-        deploy answers 500 ``(HTTP code 404) unexpected - pull access denied for
+        deploy answers 500 at once: ``(HTTP code 404) unexpected - pull access denied for
         standin/pull-denied, repository does not exist or may require 'docker login': ...``.
+    ``standin/stream-error[:tag]``
+        the pull takes the agent's ``pull_delay``, then fails inside the progress stream,
+        which the real agent misses: deploy answers 500 ``(HTTP code 404) no such container
+        - No such image: standin/stream-error:latest `` and leaves no container.
     ``standin/slow-<S>[:tag]``
         the pull takes S seconds (instead of the agent's ``pull_delay``).
+
+    Any other name can be given these behaviours: the ``pull_denied_images``,
+    ``pull_stream_error_images`` and ``exit_images`` options of :class:`StandInAgent`,
+    :meth:`StandInAgent.set_image_behaviour`, ``POST /_standin/images`` or the CLI's
+    ``--pull-denied-image``, ``--stream-error-image`` and ``--exit-image IMAGE[=CODE]``.
 
 Control surface
     Besides the Python methods of :class:`StandInAgent`, a running agent serves

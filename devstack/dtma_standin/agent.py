@@ -5,12 +5,23 @@ from __future__ import annotations
 import ipaddress
 import threading
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 from devstack.dtma_standin.control import ControlSurface
-from devstack.dtma_standin.engine import Container, Engine
+from devstack.dtma_standin.engine import (
+    DEFAULT_FOREIGN_IMAGE,
+    PULL_DENIED,
+    PULL_OK,
+    PULL_OUTCOMES,
+    PULL_STREAM_ERROR,
+    Container,
+    DockerError,
+    Engine,
+    ImageBehaviour,
+)
 from devstack.dtma_standin.heartbeat import HeartbeatScheduler, ScheduleEntry, heartbeat_url
 from devstack.dtma_standin.report import heartbeat_payload
 from devstack.dtma_standin.routes import DtmaApp, ManagedInstance, RequestRecord, Route
@@ -22,6 +33,8 @@ SELF_IMAGE = "ghcr.io/maverick-software/dtma-agent:latest"
 #: The port the DTMA publishes inside its container (``EXPOSE 30000``).
 DTMA_PORT = 30000
 UNMANAGED_IMAGE = "standin/unmanaged:latest"
+#: The container port a foreign container publishes when only a host port is given.
+DEFAULT_CONTAINER_PORT = 8080
 
 
 @dataclass(frozen=True)
@@ -85,13 +98,21 @@ class StandInAgent:
 
     Construct, then :meth:`start` (or use it as a context manager). The token plays the
     role of ``DTMA_AUTH_TOKEN`` in ``/etc/dtma.conf``: it authenticates the backend's
-    ``/tools`` calls *and* signs the agent's own heartbeats, as in lineage A (§3.1, §3.8).
+    ``/tools`` calls *and* signs the agent's own heartbeats, as the real agent's one token does.
 
     ``heartbeat_url`` is the backend *base* URL (``AGENTOPIA_API_BASE_URL``, e.g.
     ``http://127.0.0.1:54321/functions/v1``); heartbeats are posted to ``<base>/heartbeat``.
     Without it the agent sends none. ``scheduler`` lets many agents share one heartbeat
     thread (see :class:`~devstack.dtma_standin.fleet.StandInFleet`); by default an agent
     with a ``heartbeat_url`` gets its own.
+
+    Images can be made to fail by name, like the ``standin/...`` conventions but for any
+    name (a name without a tag matches all its tags): ``pull_denied_images`` fail their pull
+    at once (404 "pull access denied"), ``pull_stream_error_images`` pull for the pull delay
+    and then leave no image, so create fails with "No such image", and ``exit_images``
+    (image -> exit code) start and exit at once. ``process_env`` is the DTMA process's
+    environment, which only ``GET /status``'s ``has*`` flags read; empty by default because
+    the real agent reads its token and base URL from ``/etc/dtma.conf``.
 
     All control methods are thread-safe.
     """
@@ -110,6 +131,10 @@ class StandInAgent:
         unmanaged_containers: int = 0,
         include_self: bool = True,
         scheduler: HeartbeatScheduler | None = None,
+        pull_denied_images: Iterable[str] = (),
+        pull_stream_error_images: Iterable[str] = (),
+        exit_images: Mapping[str, int] | None = None,
+        process_env: Mapping[str, str] | None = None,
     ) -> None:
         if not token:
             raise ValueError("token must be a non-empty string (the agent refuses to start without one)")
@@ -119,12 +144,19 @@ class StandInAgent:
         self._token = token
         self._lock = threading.RLock()
         self._engine = Engine()
+        for image in pull_denied_images:
+            self.set_image_behaviour(image, pull=PULL_DENIED)
+        for image in pull_stream_error_images:
+            self.set_image_behaviour(image, pull=PULL_STREAM_ERROR)
+        for image, exit_code in (exit_images or {}).items():
+            self.set_image_behaviour(image, exit_code=exit_code)
         self._app = DtmaApp(
             token=token,
             engine=self._engine,
             lock=self._lock,
             dtma_version=dtma_version,
             pull_delay=pull_delay,
+            process_env=process_env or {},
         )
         self._listener = Listener(host, port, self._app.handle)
         self._heartbeat_url = _heartbeat_target(heartbeat_url)
@@ -157,7 +189,6 @@ class StandInAgent:
         try:
             self._listener.open()
             self._app.listen_port = self._listener.port
-            self._app.has_api_base_url = self._heartbeat_url is not None
             if ipaddress.ip_address(self._listener.bound_host).is_loopback:
                 self._app.control = ControlSurface(self).handle  # unauthenticated, so loopback only
             self._populate_engine()
@@ -253,6 +284,10 @@ class StandInAgent:
                 "accepting_connections": self._listener.is_open,
                 "docker_down": self._engine.down,
                 "pull_delay": self._app.pull_delay,
+                "image_rules": {
+                    pattern: {"pull": rule.pull, "exit_code": rule.exit_code}
+                    for pattern, rule in self._engine.image_rules().items()
+                },
                 "boot_id": self._boot_id,
                 "heartbeats": {
                     "target": self._heartbeat_url,
@@ -292,7 +327,7 @@ class StandInAgent:
     # -- fault simulation -------------------------------------------------------------------
 
     def restart_agent(self) -> None:
-        """The DTMA process restarts: its managed map is forgotten, containers keep running (§3.10).
+        """The DTMA process restarts: its managed map is forgotten, containers keep running.
 
         A new ``boot_id`` is drawn, ``seq`` starts again at 1, the agent's own container
         shows a fresh "Up" time and, as after any start, a heartbeat is sent right away.
@@ -322,6 +357,68 @@ class StandInAgent:
         """
         with self._lock:
             self._engine.vanish(name)
+
+    def add_unmanaged_container(
+        self,
+        name: str,
+        image: str = DEFAULT_FOREIGN_IMAGE,
+        *,
+        host_port: int | None = None,
+        container_port: int | None = None,
+        running: bool = True,
+        exit_code: int = 0,
+        command: str = "docker-entrypoint.sh",
+        age_seconds: float = 0.0,
+    ) -> ContainerSnapshot:
+        """Run a container on the droplet's Docker that the DTMA did not create (not in its map).
+
+        Real droplets have them (the DTMA's own ``dtma_manager``, old jobs). A later deploy
+        asking for the same ``host_port`` passes the DTMA's map-only port check, is created,
+        and fails at start with Docker's "port is already allocated", leaving a ``created``
+        container the DTMA then answers 404 for; a deploy with the same ``name`` fails with
+        Docker's 409 name conflict. ``container_port`` defaults to ``host_port`` (8080 without
+        one); a stopped container exited with ``exit_code``; ``age_seconds`` back-dates it.
+
+        Raises ValueError for bad arguments and RuntimeError with Docker's text when Docker
+        refuses (name taken, port allocated, Docker down).
+        """
+        _require(bool(name) and isinstance(name, str), "name must be a non-empty string")
+        _require(bool(image) and isinstance(image, str), "image must be a non-empty string")
+        _require(host_port is None or 1 <= host_port <= 65535, "host_port must be 1-65535 or null")
+        port = container_port if container_port is not None else host_port or DEFAULT_CONTAINER_PORT
+        _require(1 <= port <= 65535, "container_port must be 1-65535")
+        _require(0 <= exit_code <= 255, "exit_code must be 0-255")
+        _require(age_seconds >= 0, "age_seconds must be >= 0")
+        binding = [{"HostPort": str(host_port)}] if host_port is not None else []
+        with self._lock:
+            try:
+                container = self._engine.add_foreign(
+                    name,
+                    image,
+                    command=command,
+                    port_bindings={f"{port}/tcp": binding},
+                    running=running,
+                    exit_code=exit_code,
+                    age_seconds=age_seconds,
+                )
+            except DockerError as error:
+                raise RuntimeError(error.message.strip()) from None
+            return ContainerSnapshot.of(container, None)
+
+    def set_image_behaviour(self, image: str, *, pull: str = PULL_OK, exit_code: int | None = None) -> None:
+        """Make every image ``image`` names fail its pull or exit at once; ``ok``/None drops the rule.
+
+        ``pull`` is ``ok``, ``denied`` (404 "pull access denied", at once) or ``stream-error``
+        (pulls for the pull delay, stores no image, so the deploy fails with Docker's
+        "No such image", as the real agent answers); ``exit_code`` makes containers of the image
+        exit at once after start. A name without a tag matches all its tags.
+        """
+        _require(bool(image) and isinstance(image, str), "image must be a non-empty string")
+        _require(pull in PULL_OUTCOMES, f"pull must be one of {list(PULL_OUTCOMES)}")
+        _require(exit_code is None or 0 <= exit_code <= 255, "exit_code must be 0-255 or null")
+        rule = None if pull == PULL_OK and exit_code is None else ImageBehaviour(pull=pull, exit_code=exit_code)
+        with self._lock:
+            self._engine.set_image_rule(image, rule)
 
     def set_pull_delay(self, seconds: float) -> None:
         """How long every later image pull takes (``standin/slow-<S>`` images excepted)."""
@@ -369,18 +466,17 @@ class StandInAgent:
         with self._lock:
             if self._include_self:
                 bindings = {f"{DTMA_PORT}/tcp": [{"HostPort": str(self._listener.port)}]}
-                self._engine.create(
+                self._engine.add_foreign(
                     SELF_CONTAINER,
                     SELF_IMAGE,
-                    env=[],
-                    port_bindings=bindings,
                     command="docker-entrypoint.sh npm start",
+                    port_bindings=bindings,
+                    running=True,
                 )
-                self._engine.start(SELF_CONTAINER)
             for number in range(1, self._unmanaged_containers + 1):
-                name = f"unmanaged-{number}"
-                self._engine.create(name, UNMANAGED_IMAGE, env=[], port_bindings={}, command="sleep infinity")
-                self._engine.start(name)
+                self._engine.add_foreign(
+                    f"unmanaged-{number}", UNMANAGED_IMAGE, command="sleep infinity", port_bindings={}, running=True
+                )
 
     def _start_heartbeats(self) -> None:
         if self._scheduler is None:

@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             heartbeat_interval=args.interval,
             send_boot_id_seq=args.boot_seq,
             unmanaged_containers=args.unmanaged,
+            pull_denied_images=args.pull_denied_image,
+            pull_stream_error_images=args.stream_error_image,
+            exit_images=dict(args.exit_image),
         ).start()
     except (ValueError, OSError) as error:
         print(f"dtma-standin: {error}", file=sys.stderr)
@@ -88,8 +91,43 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="extra containers not deployed through the API (default: 0)",
     )
+    parser.add_argument(
+        "--pull-denied-image",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="pulls of IMAGE (no tag: any tag) fail at once with 404 'pull access denied'; repeatable",
+    )
+    parser.add_argument(
+        "--stream-error-image",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="pulls of IMAGE report an error inside the progress stream, so deploy fails 'No such image'",
+    )
+    parser.add_argument(
+        "--exit-image",
+        action="append",
+        default=[],
+        type=_exit_image,
+        metavar="IMAGE[=CODE]",
+        help="containers of IMAGE exit at once after start with CODE (default 1); repeatable",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests and heartbeats")
     return parser
+
+
+def _exit_image(text: str) -> tuple[str, int]:
+    image, _, code = text.partition("=")
+    if not image:
+        raise argparse.ArgumentTypeError("needs an image name")
+    try:
+        exit_code = int(code) if code else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"exit code must be an integer, got {code!r}") from None
+    if not 0 <= exit_code <= 255:
+        raise argparse.ArgumentTypeError("exit code must be 0-255")
+    return image, exit_code
 
 
 def _count(text: str) -> int:

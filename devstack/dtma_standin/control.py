@@ -9,17 +9,27 @@ POST    /_standin/heartbeats/pause        stop sending scheduled heartbeats
 POST    /_standin/heartbeats/resume       send them again
 POST    /_standin/heartbeats/send         send one now -> ``{"ok": true, "status": 204}``
 POST    /_standin/restart                 the DTMA process restarts (managed map lost)
+POST    /_standin/containers              run a container the DTMA does not manage (below)
 POST    /_standin/containers/<n>/crash    ``{"exit_code": 1}`` the container exits
 POST    /_standin/containers/<n>/remove   the container vanishes from Docker
+POST    /_standin/images                  ``{"image": "mcp/x", "pull": "stream-error", "exit_code": null}``
 POST    /_standin/docker                  ``{"down": true}`` Docker socket unreachable
 POST    /_standin/pull_delay              ``{"seconds": 3}`` image pulls take that long
 POST    /_standin/fail                    ``{"route": "deploy", "status": 500, "body": {...}, "times": 1}``
 GET     /_standin/state                   everything above, plus the containers
 ======  ================================  ==========================================
 
+``POST /_standin/containers`` takes ``{"name": str, "image": str = "busybox:latest",
+"host_port": int | null = null, "container_port": int = host_port or 8080, "running": bool = true,
+"exit_code": int = 0, "command": str = "docker-entrypoint.sh", "age_seconds": number = 0}`` and
+answers ``{"ok": true, "container": {...}}`` (see :meth:`StandInAgent.add_unmanaged_container`).
+``POST /_standin/images`` takes ``pull`` = ``ok`` | ``denied`` | ``stream-error`` (default ``ok``)
+and ``exit_code`` (default null); ``ok`` with a null exit code drops the image's rule.
+
 Errors: 400 for a bad body or an impossible request (crashing a container that is not
 running), 404 for an unknown container or path, 409 for ``heartbeats/send`` on an agent
-started without a heartbeat URL.
+started without a heartbeat URL and for a container Docker refuses (name taken, port
+allocated, Docker down), with Docker's text.
 """
 
 from __future__ import annotations
@@ -27,11 +37,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from devstack.dtma_standin.engine import DEFAULT_FOREIGN_IMAGE
 from devstack.dtma_standin.routes import NOT_FOUND, Route
 from devstack.dtma_standin.server import Reply
 
 if TYPE_CHECKING:
-    from devstack.dtma_standin.agent import StandInAgent
+    from devstack.dtma_standin.agent import ContainerSnapshot, StandInAgent
 
 OK = Reply.json(200, {"ok": True})
 
@@ -63,6 +74,10 @@ class ControlSurface:
                 return Reply.json(200, agent.state())
             case "POST", ["heartbeats", "send"]:
                 return Reply.json(200, {"ok": True, "status": agent.send_heartbeat_now()})
+            case "POST", ["containers"]:
+                return Reply.json(200, {"ok": True, "container": self._add_container(fields).to_json()})
+            case "POST", ["images"]:
+                return _done(lambda: self._image(fields))
             case "POST", ["containers", name, "crash"]:
                 return _done(lambda: agent.crash_container(name, _integer(fields, "exit_code", default=1)))
             case "POST", ["containers", name, "remove"]:
@@ -74,6 +89,27 @@ class ControlSurface:
             case "POST", ["fail"]:
                 return _done(lambda: self._fail(fields))
         return NOT_FOUND
+
+    def _add_container(self, fields: dict[str, object]) -> ContainerSnapshot:
+        host_port = _optional_integer(fields, "host_port")
+        container_port = _optional_integer(fields, "container_port")
+        return self._agent.add_unmanaged_container(
+            _string(fields, "name"),
+            _string(fields, "image", default=DEFAULT_FOREIGN_IMAGE),
+            host_port=host_port,
+            container_port=container_port,
+            running=_boolean(fields, "running", default=True),
+            exit_code=_integer(fields, "exit_code", default=0),
+            command=_string(fields, "command", default="docker-entrypoint.sh"),
+            age_seconds=_number(fields, "age_seconds", default=0.0),
+        )
+
+    def _image(self, fields: dict[str, object]) -> None:
+        self._agent.set_image_behaviour(
+            _string(fields, "image"),
+            pull=_string(fields, "pull", default="ok"),
+            exit_code=_optional_integer(fields, "exit_code"),
+        )
 
     def _fail(self, fields: dict[str, object]) -> None:
         route = fields.get("route")
@@ -107,15 +143,27 @@ def _integer(fields: dict[str, object], key: str, *, default: int) -> int:
     return value
 
 
-def _number(fields: dict[str, object], key: str) -> float:
+def _optional_integer(fields: dict[str, object], key: str) -> int | None:
     value = fields.get(key)
+    return None if value is None else _integer(fields, key, default=0)
+
+
+def _number(fields: dict[str, object], key: str, default: float | None = None) -> float:
+    value = fields.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number")
     return float(value)
 
 
-def _boolean(fields: dict[str, object], key: str) -> bool:
-    value = fields.get(key)
+def _boolean(fields: dict[str, object], key: str, default: bool | None = None) -> bool:
+    value = fields.get(key, default)
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false")
+    return value
+
+
+def _string(fields: dict[str, object], key: str, default: str | None = None) -> str:
+    value = fields.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string")
     return value

@@ -3,10 +3,14 @@
 Only what the DTMA's routes and heartbeat touch is modelled: pull, create, start, stop,
 force-remove, inspect (``State`` and published ports) and list (``docker ps -a`` summaries).
 Failures raise :class:`DockerError` carrying the exact ``Error.message`` dockerode builds,
-because the real agent copies that text verbatim into its 500 answers (§3.10).
+because the real agent copies that text verbatim into its 500 answers (as recorded in
+``tests/fixtures/real-dtma-responses.json``).
+
+Images are only a set of pulled references: create needs the image to have been pulled,
+which is how an error inside a pull's progress stream surfaces (as "No such image" at create).
 
 Deliberately not modelled: restart policies (the DTMA asks for ``unless-stopped``, but a
-container that exits here stays exited so tests can observe it), image storage, networks,
+container that exits here stays exited so tests can observe it), image layers, networks,
 volumes, and the 10 s grace period of ``docker stop``.
 
 Not thread-safe on its own: the agent serialises every call with its lock.
@@ -29,8 +33,13 @@ ANY_ADDRESS = "0.0.0.0"  # noqa: S104
 ZERO_TIME = "0001-01-01T00:00:00Z"
 #: The Linux ephemeral range Docker picks from when HostPort is empty.
 EPHEMERAL_PORTS = range(32768, 61000)
-#: The repository that always answers "pull access denied".
-DENIED_REPOSITORY = "standin/pull-denied"
+#: The kinds of pull a configured image can have (see :meth:`Engine.set_image_rule`).
+PULL_OK, PULL_DENIED, PULL_STREAM_ERROR = "ok", "denied", "stream-error"
+PULL_OUTCOMES = (PULL_OK, PULL_DENIED, PULL_STREAM_ERROR)
+#: What a container run on the droplet without the DTMA uses when no image is given.
+DEFAULT_FOREIGN_IMAGE = "busybox:latest"
+#: Registry prefixes Docker drops from the familiar form of a reference.
+_HUB_PREFIXES = ("docker.io/", "index.docker.io/", "registry-1.docker.io/")
 
 _TAG = r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
 _NAME = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
@@ -41,7 +50,8 @@ _REFERENCE = re.compile(
 )
 _EXIT_IMAGE = re.compile(rf"^standin/exit-(\d+){_TAG}$")
 _SLOW_IMAGE = re.compile(rf"^standin/slow-(\d+(?:\.\d+)?){_TAG}$")
-_DENIED_IMAGE = re.compile(rf"^{DENIED_REPOSITORY}{_TAG}$")
+_DENIED_IMAGE = re.compile(rf"^standin/pull-denied{_TAG}$")
+_STREAM_ERROR_IMAGE = re.compile(rf"^standin/stream-error{_TAG}$")
 _PORT_SPEC = re.compile(r"^(\d{1,5})(?:/(tcp|udp|sctp))?$")
 
 
@@ -65,10 +75,15 @@ class DockerError(Exception):
 
 @dataclass(frozen=True)
 class ImageBehaviour:
-    """What a ``standin/...`` image name asks the engine to do (see the package docstring)."""
+    """What pulling and running an image does: from a ``standin/...`` name or a configured rule.
+
+    ``pull`` is one of :data:`PULL_OUTCOMES`: ``denied`` fails before any progress is
+    streamed (404 "pull access denied"), ``stream-error`` streams for the pull time and
+    then reports an error inside the stream, so the image is never stored.
+    """
 
     pull_seconds: float | None = None
-    pull_denied: bool = False
+    pull: str = PULL_OK
     exit_code: int | None = None
 
 
@@ -79,8 +94,41 @@ def image_behaviour(image: str) -> ImageBehaviour:
     if match := _SLOW_IMAGE.match(image):
         return ImageBehaviour(pull_seconds=float(match[1]))
     if _DENIED_IMAGE.match(image):
-        return ImageBehaviour(pull_denied=True)
+        return ImageBehaviour(pull=PULL_DENIED)
+    if _STREAM_ERROR_IMAGE.match(image):
+        return ImageBehaviour(pull=PULL_STREAM_ERROR)
     return ImageBehaviour()
+
+
+def normalize_image(image: str) -> str:
+    """Docker's familiar form with a tag: ``docker.io/library/alpine`` -> ``alpine:latest``.
+
+    dockerode pulls ``:latest`` when the reference has no tag, and Docker's "No such image"
+    names the reference in this form.
+    """
+    for prefix in _HUB_PREFIXES:
+        if image.startswith(prefix):
+            image = image.removeprefix(prefix)
+            break
+    if image.startswith("library/") and image.count("/") == 1:
+        image = image.removeprefix("library/")
+    if "@" in image or ":" in image.rsplit("/", 1)[-1]:
+        return image
+    return f"{image}:latest"
+
+
+def image_repository(image: str) -> str:
+    """``mcp/github:latest`` -> ``mcp/github``: how "pull access denied for ..." names an image."""
+    full = normalize_image(image)
+    return full.split("@", 1)[0] if "@" in full else full.rsplit(":", 1)[0]
+
+
+def image_matches(image: str, pattern: str) -> bool:
+    """Whether ``pattern`` names ``image``; a pattern without tag or digest matches every tag."""
+    tagged = "@" in pattern or ":" in pattern.rsplit("/", 1)[-1]
+    if tagged:
+        return normalize_image(pattern) == normalize_image(image)
+    return image_repository(pattern) == image_repository(image)
 
 
 @dataclass(frozen=True)
@@ -104,7 +152,6 @@ class Container:
     env: list[str]
     port_bindings: dict[str, list[dict[str, str]]]
     created_ns: int
-    exit_code_on_start: int | None = None
     state: str = "created"
     exit_code: int = 0
     pid: int = 0
@@ -119,28 +166,67 @@ class Container:
 
 
 class Engine:
-    """The containers on one toolbox, plus a switch that makes the Docker socket unreachable."""
+    """The containers and pulled images on one toolbox, plus a switch that makes Docker unreachable."""
 
     def __init__(self) -> None:
         self.down = False
         self._containers: dict[str, Container] = {}
+        self._images: set[str] = set()
+        self._rules: dict[str, ImageBehaviour] = {}
         self._last_pid = 1000
+
+    # -- image rules (configuration of the simulation, not Docker state) ------------------------
+
+    def set_image_rule(self, pattern: str, behaviour: ImageBehaviour | None) -> None:
+        """Make images named by ``pattern`` behave as ``behaviour`` (None drops the rule).
+
+        A pattern without a tag matches every tag; a tagged rule wins over an untagged one.
+        Rules win over the ``standin/...`` name conventions.
+        """
+        if behaviour is None:
+            self._rules.pop(pattern, None)
+        else:
+            self._rules[pattern] = behaviour
+
+    def image_rules(self) -> dict[str, ImageBehaviour]:
+        """A copy of the configured rules, pattern -> behaviour."""
+        return dict(self._rules)
+
+    def behaviour(self, image: str) -> ImageBehaviour:
+        """What pulling and running ``image`` does."""
+        matching = [pattern for pattern in self._rules if image_matches(image, pattern)]
+        if matching:
+            exact = [pattern for pattern in matching if normalize_image(pattern) == normalize_image(image)]
+            return self._rules[(exact or matching)[0]]
+        return image_behaviour(image)
 
     # -- calls the DTMA makes (each fails with SOCKET_ERROR while the engine is down) --------
 
     def pull(self, image: str) -> ImageBehaviour:
-        """Validate the reference and apply the pull conventions; the caller does the waiting."""
+        """Start a pull: refuse it at once (bad reference, access denied) or say how it goes.
+
+        The caller waits for the pull time and then calls :meth:`finish_pull`.
+        """
         self._require_up()
         if not _REFERENCE.match(image):
             raise DockerError.http(400, "invalid reference format")
-        behaviour = image_behaviour(image)
-        if behaviour.pull_denied:
+        behaviour = self.behaviour(image)
+        if behaviour.pull == PULL_DENIED:
             raise DockerError.http(
                 404,
-                f"pull access denied for {DENIED_REPOSITORY}, repository does not exist or may require "
-                "'docker login': denied: requested access to the resource is denied",
+                f"pull access denied for {image_repository(image)}, repository does not exist or may "
+                "require 'docker login': denied: requested access to the resource is denied",
             )
         return behaviour
+
+    def finish_pull(self, image: str, behaviour: ImageBehaviour) -> None:
+        """The progress stream ended: the image is stored, unless the stream carried an error.
+
+        dockerode's ``followProgress`` does not report an error inside the stream, so the
+        DTMA carries on and its create fails with "No such image" instead.
+        """
+        if behaviour.pull != PULL_STREAM_ERROR:
+            self._images.add(normalize_image(image))
 
     def create(
         self,
@@ -151,10 +237,12 @@ class Engine:
         port_bindings: object,
         command: str = "docker-entrypoint.sh",
     ) -> Container:
-        """``POST /containers/create``: rejects bad bodies and names like Docker, never pulls."""
+        """``POST /containers/create``: rejects bad bodies, missing images and names like Docker, never pulls."""
         self._require_up()
         checked_env = _checked_env(env)
         checked_bindings = _checked_bindings(port_bindings)
+        if normalize_image(image) not in self._images:
+            raise DockerError.http(404, f"No such image: {normalize_image(image)}", "no such container")
         if not _NAME.match(name):
             raise DockerError.http(
                 400, f"Invalid container name ({name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
@@ -174,7 +262,6 @@ class Engine:
             env=checked_env,
             port_bindings=checked_bindings,
             created_ns=time.time_ns(),
-            exit_code_on_start=image_behaviour(image).exit_code,
         )
         self._containers[name] = container
         return container
@@ -188,8 +275,8 @@ class Engine:
         self._last_pid += 1
         container.state, container.pid, container.exit_code = "running", self._last_pid, 0
         container.started_ns = time.time_ns()
-        if container.exit_code_on_start is not None:
-            self._exit(container, container.exit_code_on_start)
+        if (exit_code := self.behaviour(container.image).exit_code) is not None:
+            self._exit(container, exit_code)
 
     def stop(self, name: str) -> None:
         """Docker answers 304 for a container that is not running, which dockerode turns into an error."""
@@ -219,6 +306,41 @@ class Engine:
         return [_summary(container, now_ns) for container in newest_first]
 
     # -- things that happen on the droplet outside the DTMA (never blocked by `down`) ---------
+
+    def add_foreign(
+        self,
+        name: str,
+        image: str,
+        *,
+        command: str,
+        port_bindings: dict[str, list[dict[str, str]]],
+        running: bool,
+        exit_code: int = 0,
+        age_seconds: float = 0.0,
+    ) -> Container:
+        """A container someone ran on the droplet without the DTMA (``docker run``, the DTMA's own).
+
+        Its image is on the droplet by definition. A running one publishes its ports (and
+        fails like Docker if one is taken, leaving nothing behind); a stopped one exited with
+        ``exit_code``. ``age_seconds`` back-dates it, for "Up 2 hours" / "Exited (1) 3 hours ago".
+        """
+        self._images.add(normalize_image(image))
+        container = self.create(name, image, env=[], port_bindings=port_bindings, command=command)
+        if running:
+            try:
+                self.start(container.name)
+            except DockerError:
+                del self._containers[container.name]
+                raise
+        else:
+            container.started_ns = container.created_ns
+            self._exit(container, exit_code)
+        shift = int(age_seconds * 1e9)
+        container.created_ns -= shift
+        container.started_ns -= shift
+        if container.finished_ns:
+            container.finished_ns -= shift
+        return container
 
     def containers(self) -> list[Container]:
         """Live records, oldest first; callers must hold the agent lock while reading them."""

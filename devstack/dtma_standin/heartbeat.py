@@ -20,9 +20,10 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-#: The agent's axios instance gives up after 15 s (§3.7).
+#: The agent's axios instance gives up after 15 s (``timeout: 15000`` in its API client).
 AXIOS_TIMEOUT_SECONDS = 15.0
-#: Every header axios 1.10.0 sends besides Authorization, Host and Content-Length (§3.10).
+#: Every header axios 1.10.0 sends besides Authorization, Host and Content-Length, as the real
+#: agent's heartbeats carry them (recorded in ``tests/fixtures/real-dtma-heartbeat-*.json``).
 AXIOS_HEADERS = {
     "Accept": "application/json, text/plain, */*",
     "Content-Type": "application/json",

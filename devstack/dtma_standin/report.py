@@ -1,7 +1,8 @@
 """What the DTMA reports about its droplet: system metrics, container list, heartbeat payload.
 
 The same container list feeds the heartbeat's ``tool_statuses`` and ``GET /status``'s
-``tool_instances``, exactly as in the real agent's ``getToolStatuses()`` (§3.7, §3.10).
+``tool_instances``, exactly as in the real agent's ``getToolStatuses()`` (recorded in
+``tests/fixtures/real-dtma-heartbeat-*.json``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from devstack.dtma_standin.engine import DockerError, Engine
 
-#: The single item the DTMA sends instead of the list when Docker cannot be reached (§3.10).
+#: The single item the DTMA sends instead of the list when Docker cannot be reached.
 TOOL_STATUS_ERROR = "Failed to fetch tool statuses"
 
 _MIB = 1024**2
@@ -78,7 +79,7 @@ def tool_statuses(engine: Engine) -> list[dict[str, Any]]:
 def heartbeat_payload(engine: Engine, *, dtma_version: str, boot: tuple[str, int] | None) -> dict[str, Any]:
     """The body of ``POST <base>/heartbeat``; ``boot`` adds the optional ``boot_id``/``seq`` pair.
 
-    The real agent never names the toolbox in the payload: only the bearer token does (§3.10).
+    The real agent never names the toolbox in the payload: only the bearer token does.
     """
     payload: dict[str, Any] = {
         "dtma_version": dtma_version,

@@ -1,10 +1,12 @@
 """The DTMA's HTTP API (HEAD ``82a6bec``), reproduced answer for answer.
 
 Route logic follows the real ``src/index.ts`` and ``src/routes/tool_routes.ts``: same
-checks in the same order, same status codes, same JSON bodies and messages, and the
-quirks observed in §3.10 (malformed JSON is a 500, a second stop is a 500 "(HTTP code 304)",
-the managed-instance map is memory-only, deploy answers 201 for a container that already
-exited, ...). Docker itself is the in-memory :class:`~devstack.dtma_standin.engine.Engine`.
+checks in the same order, same status codes, same JSON bodies and messages, and the quirks
+the real agent shows (recorded in ``tests/fixtures/real-dtma-responses.json`` and checked
+call by call by ``tests/test_standin_vs_real.py``): malformed JSON is a 500, a second stop
+is a 500 "(HTTP code 304)", the managed-instance map is memory-only, deploy answers 201
+for a container that already exited, ... Docker itself is the in-memory
+:class:`~devstack.dtma_standin.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -82,7 +84,14 @@ class DtmaApp:
     """Request -> Reply for one agent; every state change happens under the agent's lock."""
 
     def __init__(
-        self, *, token: str, engine: Engine, lock: threading.RLock, dtma_version: str, pull_delay: float
+        self,
+        *,
+        token: str,
+        engine: Engine,
+        lock: threading.RLock,
+        dtma_version: str,
+        pull_delay: float,
+        process_env: Mapping[str, str],
     ) -> None:
         self._token = token.encode()
         self._engine = engine
@@ -94,7 +103,7 @@ class DtmaApp:
         self._interrupted = threading.Event()
         self.pull_delay = pull_delay
         self.listen_port = 0
-        self.has_api_base_url = False
+        self.process_env = dict(process_env)
         self.control: ControlHandler | None = None
 
     # -- state the agent reads or resets ----------------------------------------------------
@@ -105,7 +114,7 @@ class DtmaApp:
             return dict(self._managed)
 
     def forget_managed(self) -> None:
-        """What a DTMA process restart does: the map lives only in memory (§3.10)."""
+        """What a DTMA process restart does: the map lives only in memory, so it starts empty."""
         with self._lock:
             self._managed.clear()
 
@@ -139,7 +148,7 @@ class DtmaApp:
         try:
             body = parse_json_body(request.content_type, request.body)
         except BodyError:
-            return INTERNAL_ERROR  # express.json() runs before routing and auth, so this wins (§3.10)
+            return INTERNAL_ERROR  # express.json() runs before routing and auth, so this wins
         method = "GET" if request.method == "HEAD" else request.method
         parts = [unquote(part) for part in request.path.strip("/").split("/") if part]
         match parts:
@@ -193,10 +202,16 @@ class DtmaApp:
     # -- unauthenticated routes -------------------------------------------------------------
 
     def _agent_status(self) -> Reply:
-        """``GET /status``: says "healthy" even when Docker is down (§3.10)."""
+        """``GET /status``: says "healthy" even when Docker is down, as the real agent does.
+
+        The ``has*`` flags read the DTMA process's environment variables, not ``/etc/dtma.conf``
+        where the token and base URL really come from, so on a droplet they are all false
+        (as recorded in ``tests/fixtures/real-dtma-responses.json``) unless ``process_env`` sets them.
+        """
         with self._lock:
             instances = tool_statuses(self._engine)
             metrics = system_status(self._engine.running_count())
+            env = dict(self.process_env)
         return Reply.json(
             200,
             {
@@ -205,9 +220,9 @@ class DtmaApp:
                 "version": self._dtma_version,
                 "service": "DTMA",
                 "environment": {
-                    "hasAuthToken": True,
-                    "hasApiKey": True,
-                    "hasApiBaseUrl": self.has_api_base_url,
+                    "hasAuthToken": bool(env.get("DTMA_BEARER_TOKEN")),
+                    "hasApiKey": bool(env.get("BACKEND_TO_DTMA_API_KEY")),
+                    "hasApiBaseUrl": bool(env.get("AGENTOPIA_API_BASE_URL")),
                     "port": str(self.listen_port),
                 },
                 "tool_instances": instances,
@@ -218,7 +233,7 @@ class DtmaApp:
     # -- /tools -----------------------------------------------------------------------------
 
     def _deploy(self, body: object) -> Reply:
-        """``POST /tools``: synchronous pull + create + start + inspect, answering 201 (§3.3, §3.10)."""
+        """``POST /tools``: synchronous pull + create + start + inspect; 201 even if the container exited."""
         fields = body if isinstance(body, dict) else {}
         image, name, account_id = (fields.get(key) for key in _REQUIRED)
         if not all(_js_truthy(value) for value in (image, name, account_id)):
@@ -248,8 +263,9 @@ class DtmaApp:
         pull_seconds = self.pull_delay if behaviour.pull_seconds is None else behaviour.pull_seconds
         self._interrupted.wait(pull_seconds)  # outside the lock: other calls proceed during a pull
         with self._lock:
+            self._engine.finish_pull(image, behaviour)  # an error inside the stream goes unnoticed here
             container = self._engine.create(name, image, env=env, port_bindings=bindings or {})
-            self._engine.start(name)  # a taken port fails here and leaves the `created` container (§3.10)
+            self._engine.start(name)  # a taken port fails here and leaves the `created` container
             self._managed[name] = ManagedInstance(account_id, bindings)
             inspect = self._engine.inspect(name)
         return Reply.json(
@@ -301,7 +317,7 @@ class DtmaApp:
         return _succeeded(f"Tool instance '{name}' started successfully.")
 
     def _stop(self, name: str) -> Reply:
-        """A second stop is a 500 "(HTTP code 304) container already stopped" (§3.10)."""
+        """A second stop is a 500 "(HTTP code 304) container already stopped -  ", as the real agent answers."""
         if missing := self._not_managed(name):
             return missing
         try:
@@ -312,7 +328,7 @@ class DtmaApp:
         return _succeeded(f"Tool instance '{name}' stopped successfully.")
 
     def _not_managed(self, name: str) -> Reply | None:
-        """Every route but deploy and status consults only the in-memory map (§3.10)."""
+        """Every route but deploy and status consults only the in-memory map, lost on a restart."""
         if name in self.managed():
             return None
         return Reply.json(
@@ -320,7 +336,7 @@ class DtmaApp:
         )
 
     def _tools_status(self) -> Reply:
-        """``GET /tools/status``: every container; version and environment are hard-coded (§3.3)."""
+        """``GET /tools/status``: every container; version and environment are hard-coded in the real agent."""
         try:
             with self._lock:
                 summaries = self._engine.list_all()
@@ -392,7 +408,7 @@ def _js_string(value: object) -> str:
 
 
 def _override_parts(override: object) -> tuple[object, object]:
-    """``Env`` (default ``[]``) and ``HostConfig.PortBindings``: all the DTMA uses of the override (§3.3)."""
+    """``Env`` (default ``[]``) and ``HostConfig.PortBindings``: all the DTMA uses of the override."""
     if not isinstance(override, dict):
         return [], None
     env = override.get("Env")
@@ -415,7 +431,7 @@ def _explicit_host_ports(bindings: object) -> list[object]:
 
 
 def _tool_instance(summary: dict[str, Any], managed: dict[str, ManagedInstance]) -> dict[str, Any]:
-    """One ``tool_instances`` item; containers missing from the map get a null id (§3.10)."""
+    """One ``tool_instances`` item; containers missing from the map (e.g. after a restart) get a null id."""
     name = summary["Names"][0].removeprefix("/")
     instance = managed.get(name)
     account_id = instance.account_tool_instance_id if instance else None

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,19 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while starting."""
 
 
+# The functions' liveness settings (shared/config.py's defaults: the real DTMA beats every 60 s) and
+# the stand-in's own period. They are separate on purpose: a real agent registered on the local stack
+# beats every 60 s, whatever the stand-in does. The demo shortens both so a silent toolbox shows in
+# seconds; the stand-in never beats less often than the functions expect.
+FUNCTIONS_HEARTBEAT_INTERVAL = 60
+FUNCTIONS_HEARTBEAT_GRACE = 30
+STANDIN_HEARTBEAT_INTERVAL = 10.0
+DEMO_FUNCTIONS_HEARTBEAT_INTERVAL = 2
+DEMO_FUNCTIONS_HEARTBEAT_GRACE = 1
+DEMO_STANDIN_HEARTBEAT_INTERVAL = 1.0
+STACK_ENV = "stack.env"
+
+
 @dataclass(frozen=True)
 class Options:
     port: int
@@ -69,22 +82,28 @@ class Options:
     reset: bool
     demo: bool
     sweep_interval: float
-    heartbeat_interval: float
+    #: The stand-in's own heartbeat period (seconds).
+    standin_heartbeat_interval: float
     pull_delay: float
+    #: HEARTBEAT_INTERVAL_SECONDS / HEARTBEAT_GRACE_SECONDS of the functions.
+    functions_heartbeat_interval: int = FUNCTIONS_HEARTBEAT_INTERVAL
+    functions_heartbeat_grace: int = FUNCTIONS_HEARTBEAT_GRACE
+
+    @property
+    def stale_after(self) -> int:
+        """Seconds of silence after which the functions call a toolbox stale (shared/config.py)."""
+        return 3 * self.functions_heartbeat_interval + self.functions_heartbeat_grace
 
     @property
     def functions_env(self) -> dict[str, str]:
         """Timing settings of the functions: the demo's are short so a silent toolbox shows in seconds."""
-        if self.demo:
-            return {
-                "HEARTBEAT_INTERVAL_SECONDS": "2",
-                "HEARTBEAT_GRACE_SECONDS": "1",
-                "DTMA_DEPLOY_BUDGET_SECONDS": "0.5",
-            }
-        return {
-            "HEARTBEAT_INTERVAL_SECONDS": str(max(1, round(self.heartbeat_interval))),
-            "HEARTBEAT_GRACE_SECONDS": str(max(1, round(self.heartbeat_interval / 2))),
+        env = {
+            "HEARTBEAT_INTERVAL_SECONDS": str(self.functions_heartbeat_interval),
+            "HEARTBEAT_GRACE_SECONDS": str(self.functions_heartbeat_grace),
         }
+        if self.demo:
+            env["DTMA_DEPLOY_BUDGET_SECONDS"] = "0.5"
+        return env
 
 
 class StopSignal:
@@ -152,8 +171,11 @@ class SweepLoop:
                         log.warning("scheduled sweep failed: %s", exc)
 
 
-def _set_function_env(values: dict[str, str], defaults: dict[str, str], forced_timing: bool) -> list[str]:
+def _set_function_env(values: dict[str, str], timing: dict[str, str]) -> list[str]:
     """The environment every function reads at start (as `gcloud --set-env-vars` would set it).
+
+    `timing` is Options.functions_env, already resolved from the options and the environment
+    (parse_args), so it is set as is: the banner then says what the functions really use.
 
     Settings that point at a real Supabase project are dropped (and named in the result): with
     them the functions would verify tokens against that project, not the local stack's secret.
@@ -171,12 +193,41 @@ def _set_function_env(values: dict[str, str], defaults: dict[str, str], forced_t
         if os.environ.pop(name, None) is not None:
             ignored.append(name)
     os.environ.update(values)
-    for name, value in defaults.items():
-        if forced_timing:
-            os.environ[name] = value
-        else:
-            os.environ.setdefault(name, value)
+    os.environ.update(timing)
     return ignored
+
+
+def database_url_to_use(environ_url: str | None, state_dir: Path) -> tuple[str | None, str | None]:
+    """(DATABASE_URL to use, or None for the embedded database; a note to print, or None).
+
+    After `set -a; . .local/stack.env; set +a` the shell holds the DATABASE_URL of the stack's own
+    embedded database. A later `./deploy.sh local` must not take that for an external database
+    (the embedded server it names is stopped with the stack), so a DATABASE_URL equal to the one
+    the stack wrote for its embedded database means "the embedded database". stack.env says which
+    kind it wrote (DATABASE_KIND); files written before that key existed are judged by the URL: the
+    embedded server's socket lives in its data directory.
+    """
+    if not environ_url:
+        return None, None
+    written = seed.read_env_file(state_dir / STACK_ENV)
+    if written.get("DATABASE_URL") != environ_url:
+        return environ_url, None
+    kind = written.get("DATABASE_KIND")
+    embedded = kind == "embedded" if kind is not None else _socket_in_data_dir(environ_url)
+    if not embedded:
+        return environ_url, None
+    source = _relative(state_dir / STACK_ENV)
+    return None, f"DATABASE_URL in the environment is the embedded database {source} names: starting that one"
+
+
+def _socket_in_data_dir(url: str) -> bool:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        host = str(conninfo_to_dict(url).get("host") or "")
+    except Exception:
+        return False
+    return host.startswith("/") and (Path(host) / "PG_VERSION").is_file()
 
 
 def _log_to_file(path: Path) -> logging.Handler:
@@ -257,9 +308,12 @@ class Stack:
         self.dispatcher.base_url = self.base_url
         functions_url = self.base_url + PREFIX
 
+        database_url, note = database_url_to_use(os.environ.get("DATABASE_URL"), opts.state_dir)
+        if note:
+            self.say(f"    {note}")
         db = self._step(
             "database",
-            lambda: database.open_database(os.environ.get("DATABASE_URL"), opts.data_dir, reset_first=opts.reset),
+            lambda: database.open_database(database_url, opts.data_dir, reset_first=opts.reset),
         )
         if db.embedded is not None:
             self._cleanup.callback(self._stopped_db, db)
@@ -288,7 +342,6 @@ class Stack:
                 "NO_GCE_CHECK": "true",
             },
             opts.functions_env,
-            forced_timing=opts.demo,
         )
         if ignored:
             self.say(f"    ignoring {', '.join(ignored)} from the environment: the local stack uses its own secrets")
@@ -315,7 +368,7 @@ class Stack:
             port=opts.dtma_port,
             pull_delay=opts.pull_delay,
             heartbeat_url=f"{functions_url}/dtma_heartbeat_ingest",
-            heartbeat_interval=opts.heartbeat_interval,
+            heartbeat_interval=opts.standin_heartbeat_interval,
         )
         try:
             agent.start()
@@ -350,10 +403,12 @@ class Stack:
             "DTMA_STANDIN_URL": agent.url,
             "DTMA_KEY": seeded.toolbox_token,
             "DATABASE_URL": db.uri,
+            # Tells the next start that this DATABASE_URL is the stack's own (database_url_to_use).
+            "DATABASE_KIND": "embedded" if db.embedded is not None else "external",
             "LOG_FILE": str(log_file),
         }
         seed.write_env_file(
-            opts.state_dir / "stack.env",
+            opts.state_dir / STACK_ENV,
             self.env,
             f"Written by `./deploy.sh local` at {time.strftime('%Y-%m-%d %H:%M:%S')}; valid while "
             "it runs.\nDEMO_USER_JWT expires after 24 h (re-minted at every start).",
@@ -375,12 +430,12 @@ class Stack:
     def print_banner(self) -> None:
         env, o = self.env, self.options
         url, standin = env["FUNCTIONS_URL"], env["DTMA_STANDIN_URL"]
-        rel = _relative(o.state_dir / "stack.env")
+        rel = _relative(o.state_dir / STACK_ENV)
         sweep = f"every {o.sweep_interval:g} s (as Cloud Scheduler would)" if o.sweep_interval > 0 else "off"
         auth = '-H "Authorization: Bearer $JWT"'
         as_json = "-H 'Content-Type: application/json'"
         deploy = json.dumps({"toolbox_id": env["DEMO_TOOLBOX_ID"], "name": "my-mcp", "image": "mcp/everything:latest"})
-        every = f"{o.heartbeat_interval:g}"
+        every = f"{o.standin_heartbeat_interval:g}"
         beat = json.dumps({"dtma_version": "0.1.0", "system_status": {}, "tool_statuses": []})
         text = [
             "",
@@ -392,7 +447,10 @@ class Stack:
             f"  database        {self.db.description if self.db else ''}",
             f"                  {env['DATABASE_URL']}",
             f"  DTMA stand-in   {standin}  (toolbox {seed.DEMO_TOOLBOX_NAME} {env['DEMO_TOOLBOX_ID']};",
-            f"                  heartbeat every {o.heartbeat_interval:g} s; control it under /_standin/)",
+            f"                  heartbeat every {every} s; control it under /_standin/)",
+            f"  liveness        the functions expect a heartbeat every {o.functions_heartbeat_interval} s "
+            f"(HEARTBEAT_INTERVAL_SECONDS; grace {o.functions_heartbeat_grace} s):",
+            f"                  a toolbox silent for {o.stale_after} s reads unknown; the sweep marks it unresponsive",
             f"  sweep           {sweep}",
             f"  demo user       {env['DEMO_USER_EMAIL']}  {env['DEMO_USER_ID']}",
             f"  stack.env       {rel}  (all of the above: set -a; . {rel}; set +a)",
@@ -456,7 +514,9 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def parse_args(argv: Sequence[str] | None) -> Options:
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> Options:
+    """The options; `environ` (default os.environ) supplies HEARTBEAT_* when no flag sets them."""
+    env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="./deploy.sh local",
         description=(
@@ -476,7 +536,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=Path,
         default=None,
         help="embedded PostgreSQL data directory, kept between runs (default: one per checkout "
-        "under the temp folder); ignored when DATABASE_URL is set",
+        "under the temp folder); ignored when DATABASE_URL names another database (the DATABASE_URL "
+        "this stack wrote to stack.env for its embedded database counts as unset)",
     )
     parser.add_argument(
         "--state-dir",
@@ -497,10 +558,39 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="seconds between scheduled sweeps (0: none; default 15)",
     )
     parser.add_argument(
-        "--heartbeat-interval",
+        "--functions-heartbeat-interval",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="the functions' HEARTBEAT_INTERVAL_SECONDS: how often they expect each toolbox's heartbeat "
+        f"(default ${{HEARTBEAT_INTERVAL_SECONDS}}, else {FUNCTIONS_HEARTBEAT_INTERVAL}, the real agent's period; "
+        f"--demo: {DEMO_FUNCTIONS_HEARTBEAT_INTERVAL})",
+    )
+    parser.add_argument(
+        "--functions-heartbeat-grace",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="the functions' HEARTBEAT_GRACE_SECONDS: a toolbox silent for 3 intervals + this is stale "
+        f"(default ${{HEARTBEAT_GRACE_SECONDS}}, else {FUNCTIONS_HEARTBEAT_GRACE}; "
+        f"--demo: {DEMO_FUNCTIONS_HEARTBEAT_GRACE})",
+    )
+    parser.add_argument(
+        "--standin-heartbeat-interval",
         type=float,
         default=None,
-        help="the stand-in's heartbeat period in seconds (default 10; --demo: 1)",
+        metavar="SECONDS",
+        help=f"the DTMA stand-in's own heartbeat period (default {STANDIN_HEARTBEAT_INTERVAL:g}; "
+        f"--demo: {DEMO_STANDIN_HEARTBEAT_INTERVAL:g}); at most the functions' interval",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        dest="deprecated_heartbeat_interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="deprecated: the same as --standin-heartbeat-interval (it no longer changes the functions' "
+        "interval; that is --functions-heartbeat-interval)",
     )
     parser.add_argument(
         "--pull-delay",
@@ -512,9 +602,56 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     for name in ("port", "dtma_port"):
         if not 0 <= getattr(args, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')} must be 0..65535")
-    heartbeat = args.heartbeat_interval if args.heartbeat_interval is not None else (1.0 if args.demo else 10.0)
+
+    def from_env(name: str, minimum: int) -> int | None:
+        """HEARTBEAT_* from the environment (not in --demo, whose timing is its own)."""
+        raw = env.get(name, "").strip()
+        if args.demo or not raw:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            parser.error(f"{name}={raw!r} in the environment is not a whole number >= {minimum}")
+        return value
+
+    interval = args.functions_heartbeat_interval
+    if interval is None:
+        interval = from_env("HEARTBEAT_INTERVAL_SECONDS", 1)
+    if interval is None:
+        interval = DEMO_FUNCTIONS_HEARTBEAT_INTERVAL if args.demo else FUNCTIONS_HEARTBEAT_INTERVAL
+    grace = args.functions_heartbeat_grace
+    if grace is None:
+        grace = from_env("HEARTBEAT_GRACE_SECONDS", 0)
+    if grace is None:
+        grace = DEMO_FUNCTIONS_HEARTBEAT_GRACE if args.demo else FUNCTIONS_HEARTBEAT_GRACE
+    if interval < 1 or grace < 0:
+        parser.error("--functions-heartbeat-interval must be >= 1 and --functions-heartbeat-grace >= 0")
+
+    standin = args.standin_heartbeat_interval
+    if args.deprecated_heartbeat_interval is not None:
+        if standin is not None and standin != args.deprecated_heartbeat_interval:
+            parser.error(
+                "--heartbeat-interval (deprecated) and --standin-heartbeat-interval disagree; "
+                "pass only --standin-heartbeat-interval"
+            )
+        standin = args.deprecated_heartbeat_interval
+        print(
+            "./deploy.sh local: --heartbeat-interval is deprecated: it sets the stand-in's period only "
+            "(--standin-heartbeat-interval); the functions' interval is --functions-heartbeat-interval",
+            file=sys.stderr,
+        )
+    if standin is None:
+        standin = min(DEMO_STANDIN_HEARTBEAT_INTERVAL if args.demo else STANDIN_HEARTBEAT_INTERVAL, float(interval))
+    if standin > interval:
+        parser.error(
+            f"the stand-in's heartbeat period ({standin:g} s) is longer than the functions' heartbeat interval "
+            f"({interval} s): the stand-in's toolbox would read unknown between its heartbeats; lower "
+            "--standin-heartbeat-interval or raise --functions-heartbeat-interval"
+        )
     pull = args.pull_delay if args.pull_delay is not None else (2.0 if args.demo else 0.5)
-    if heartbeat <= 0 or pull < 0 or args.sweep_interval < 0:
+    if standin <= 0 or pull < 0 or args.sweep_interval < 0:
         parser.error("intervals must be positive and the pull delay >= 0")
     data_dir = args.data_dir or embedded_pg.default_data_dir(ROOT)
     return Options(
@@ -525,8 +662,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         reset=args.reset,
         demo=args.demo,
         sweep_interval=args.sweep_interval,
-        heartbeat_interval=heartbeat,
+        standin_heartbeat_interval=standin,
         pull_delay=pull,
+        functions_heartbeat_interval=interval,
+        functions_heartbeat_grace=grace,
     )
 
 

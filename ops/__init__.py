@@ -1,1 +1,1 @@
-"""Operator tools: database migrations and toolbox credentials. Not imported by functions."""
+"""Operator tools: database migrations, toolbox registration and credentials. Not imported by functions."""

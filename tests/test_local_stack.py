@@ -3,12 +3,15 @@
 Checked over real HTTP: both mounts of every function (and that each mount serves its own
 function), the trailing-slash trap, a browser's CORS preflight as supabase-js triggers it,
 stack.env, the OpenAPI document (served, up to date, and matching real answers), clean shutdown
-on SIGTERM and Ctrl-C with no PostgreSQL left behind, twice in a row, and the `--demo`
-walkthrough end to end.
+on SIGTERM and Ctrl-C with no PostgreSQL left behind, twice in a row (the second time with the
+first run's DATABASE_URL in the environment, as after sourcing stack.env), and the `--demo`
+walkthrough end to end. Without starting anything: the heartbeat options (the functions' interval
+is its own, the stand-in's period never longer) and the DATABASE_URL rule.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -27,6 +30,8 @@ from devstack import openapi
 from devstack.database import postmaster_pid
 from devstack.launcher import StackProcess
 from devstack.schema_check import check_response, validate
+from devstack.seed import read_env_file, write_env_file
+from devstack.stack import Stack, StopSignal, database_url_to_use, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.loads((ROOT / "docs" / "openapi.json").read_text())
@@ -121,7 +126,7 @@ def test_post_without_trailing_slash_is_served_not_redirected(stack: StackProces
     response = http.delete(f"/functions/v1/manage_mcp_server/{server['id']}", headers=user(stack))
     assert response.status_code == 200, response.text
     assert checked(response, "/manage_mcp_server/{id}") == {"id": server["id"], "name": body["name"],
-                                                           "status": "removed"}
+                                                           "status": "removed", "left_on_toolbox": None}
 
 
 @pytest.mark.parametrize("function", ["deploy_mcp_server", "manage_mcp_server", "mcp_status"])
@@ -211,7 +216,12 @@ def _port_closed(url: str) -> bool:
 def test_sigterm_and_ctrl_c_stop_everything_twice_in_a_row(tmp_path: Path) -> None:
     ids = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        proc = StackProcess("--port", "0", data_dir=tmp_path / "pg", state_dir=tmp_path / "state").start()
+        proc = StackProcess("--port", "0", data_dir=tmp_path / "pg", state_dir=tmp_path / "state")
+        if ids:
+            # As after `set -a; . .local/stack.env; set +a`: the shell holds the first run's DATABASE_URL,
+            # which names the embedded database the first run stopped. It means "the embedded database".
+            proc.environ["DATABASE_URL"] = read_env_file(tmp_path / "state" / "stack.env")["DATABASE_URL"]
+        proc.start()
         try:
             assert postmaster_pid(proc.data_dir) is not None
             ids.append((proc.env["DEMO_USER_ID"], proc.env["DEMO_TOOLBOX_ID"], proc.env["SUPABASE_JWT_SECRET"]))
@@ -222,6 +232,97 @@ def test_sigterm_and_ctrl_c_stop_everything_twice_in_a_row(tmp_path: Path) -> No
         finally:
             proc.stop()
     assert ids[0] == ids[1]  # seeding reuses the user, the toolbox and the secrets
+    assert "DATABASE_URL in the environment is the embedded database" in proc.output
+
+
+def test_functions_heartbeat_interval_is_its_own_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """The functions expect the real agent's 60 s whatever the stand-in does (a real agent may join)."""
+    plain = parse_args([], environ={})
+    assert (plain.functions_heartbeat_interval, plain.functions_heartbeat_grace) == (60, 30)
+    assert plain.standin_heartbeat_interval == 10
+    assert plain.functions_env == {"HEARTBEAT_INTERVAL_SECONDS": "60", "HEARTBEAT_GRACE_SECONDS": "30"}
+    assert plain.stale_after == 210
+
+    quick_standin = parse_args(["--standin-heartbeat-interval", "2"], environ={})
+    assert quick_standin.standin_heartbeat_interval == 2
+    assert quick_standin.functions_env["HEARTBEAT_INTERVAL_SECONDS"] == "60"
+
+    tuned = parse_args(["--functions-heartbeat-interval", "5", "--functions-heartbeat-grace", "0"], environ={})
+    assert tuned.functions_env == {"HEARTBEAT_INTERVAL_SECONDS": "5", "HEARTBEAT_GRACE_SECONDS": "0"}
+    assert tuned.standin_heartbeat_interval == 5  # the stand-in's default never beats slower than expected
+
+    # The environment sets the functions' values when no flag does; a flag wins over it.
+    from_env = parse_args([], environ={"HEARTBEAT_INTERVAL_SECONDS": "90", "HEARTBEAT_GRACE_SECONDS": "15"})
+    assert from_env.functions_env == {"HEARTBEAT_INTERVAL_SECONDS": "90", "HEARTBEAT_GRACE_SECONDS": "15"}
+    flag = parse_args(["--functions-heartbeat-interval", "45"], environ={"HEARTBEAT_INTERVAL_SECONDS": "90"})
+    assert flag.functions_heartbeat_interval == 45
+
+    # The old flag is the stand-in's period only, and says so.
+    old = parse_args(["--heartbeat-interval", "3"], environ={})
+    assert old.standin_heartbeat_interval == 3 and old.functions_heartbeat_interval == 60
+    assert "deprecated" in capsys.readouterr().err
+
+
+def test_demo_timing_is_short_and_consistent() -> None:
+    demo = parse_args(["--demo"], environ={"HEARTBEAT_INTERVAL_SECONDS": "60"})  # the demo keeps its own timing
+    assert demo.functions_env == {"HEARTBEAT_INTERVAL_SECONDS": "2", "HEARTBEAT_GRACE_SECONDS": "1",
+                                  "DTMA_DEPLOY_BUDGET_SECONDS": "0.5"}
+    assert demo.standin_heartbeat_interval == 1 <= demo.functions_heartbeat_interval
+
+
+@pytest.mark.parametrize(("argv", "environ", "message"), [
+    (["--standin-heartbeat-interval", "90"], {}, "longer than the functions' heartbeat interval (60 s)"),
+    (["--demo", "--standin-heartbeat-interval", "5"], {}, "longer than the functions' heartbeat interval (2 s)"),
+    (["--heartbeat-interval", "3", "--standin-heartbeat-interval", "4"], {}, "disagree"),
+    (["--functions-heartbeat-interval", "0"], {}, "must be >= 1"),
+    ([], {"HEARTBEAT_INTERVAL_SECONDS": "soon"}, "HEARTBEAT_INTERVAL_SECONDS='soon' in the environment"),
+])
+def test_inconsistent_heartbeat_options_are_refused(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                    environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv, environ=environ)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_banner_names_both_heartbeat_periods() -> None:
+    options = parse_args(["--state-dir", "/tmp/state"], environ={})
+    stack = Stack(options, StopSignal(), out=io.StringIO())
+    stack.base_url = "http://127.0.0.1:1"
+    stack.env = {"FUNCTIONS_URL": "http://127.0.0.1:1/functions/v1", "DTMA_STANDIN_URL": "http://127.0.0.1:2",
+                 "OPENAPI_URL": "", "DATABASE_URL": "", "DEMO_TOOLBOX_ID": "t", "DEMO_USER_EMAIL": "e",
+                 "DEMO_USER_ID": "u", "LOG_FILE": "/tmp/state/stack.log", "DEMO_USER_JWT": "j",
+                 "DEMO_TOOLBOX_TOKEN": "k"}
+    stack.print_banner()
+    banner = stack.out.getvalue()
+    assert "heartbeat every 10 s" in banner
+    assert "the functions expect a heartbeat every 60 s (HEARTBEAT_INTERVAL_SECONDS; grace 30 s)" in banner
+    assert "silent for 210 s reads unknown" in banner
+
+
+def test_database_url_of_the_stacks_own_embedded_database_means_embedded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    data_dir = tmp_path / "pg"
+    own = f"postgresql://postgres:@/postgres?host={data_dir}"
+    external = "postgresql://app:secret@db.example.test:5432/app"
+    assert database_url_to_use(None, state) == (None, None)
+    assert database_url_to_use(own, state) == (own, None)  # no stack.env: taken as given
+
+    write_env_file(state / "stack.env", {"DATABASE_URL": own, "DATABASE_KIND": "embedded"}, "test")
+    url, note = database_url_to_use(own, state)
+    assert url is None and note is not None and "is the embedded database" in note
+    assert database_url_to_use(external, state) == (external, None)  # any other URL is used as given
+
+    # A stack that itself ran on an external database wrote that one: it stays external.
+    write_env_file(state / "stack.env", {"DATABASE_URL": external, "DATABASE_KIND": "external"}, "test")
+    assert database_url_to_use(external, state) == (external, None)
+
+    # stack.env written before DATABASE_KIND existed: the embedded server's socket is in its data directory.
+    write_env_file(state / "stack.env", {"DATABASE_URL": own}, "test")
+    assert database_url_to_use(own, state) == (own, None)
+    data_dir.mkdir()
+    (data_dir / "PG_VERSION").write_text("16\n")
+    assert database_url_to_use(own, state)[0] is None
 
 
 @pytest.mark.slow
@@ -231,9 +332,12 @@ def test_demo_walkthrough_end_to_end(tmp_path: Path) -> None:
     assert code == 0, proc.output
     output = proc.output
     for step in ("deploy an MCP server", "watch deploying -> running", "stop it", "start it",
-                 "silence the toolbox", "bring the toolbox back", "remove it"):
+                 "silence the toolbox", "bring the toolbox back", "deploy an image whose pull fails",
+                 "the server's process dies", "remove both"):
         assert step in output
-    assert "202 Accepted" in output and "deploying -> running (heartbeat)" in output
+    assert "202 Accepted" in output and "deploying -> running (api)" in output
+    assert "202, then error: the toolbox could not pull the image" in output
+    assert "exited unexpectedly with code 137" in output
     assert "unknown after" in output and "toolbox is now unresponsive" in output
     assert "Demo passed" in output and "FAILED" not in output
     assert postmaster_pid(tmp_path / "pg") is None

@@ -117,7 +117,7 @@ def container_body(n: int) -> str:
         items.append({"id": cid, "names": [f"srv-{k}"], "image": "mcp/everything:latest",
                       "image_id": "sha256:" + hashlib.sha256(b"image").hexdigest(),
                       "command": "docker-entrypoint.sh node dist/index.js streamableHttp",
-                      "created": 1764000000 + k, "state": "running", "status": f"Up {5 + k % 3} minutes",
+                      "created": int(time.time()) - 3600 + k, "state": "running", "status": f"Up {5 + k % 3} minutes",
                       "ports": [{"ip": "0.0.0.0", "private_port": 8080, "public_port": 49152 + k,
                                  "type": "tcp"}]})
     return json.dumps({"dtma_version": "0.1.0", "system_status": system_status(), "tool_statuses": items},

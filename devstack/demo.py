@@ -7,8 +7,9 @@ answer of a function is also checked against docs/openapi.json. `run()` returns 
 every step showed the expected state.
 
 The deploy is made to answer 202 on purpose (the stand-in pulls for longer than the deploy
-budget), so the walkthrough watches `deploying -> running` arrive through a heartbeat, which is
-how it happens on a real droplet pulling a real image.
+budget), as on a real droplet pulling a real image: the walkthrough watches `deploying -> running`
+arrive the moment the agent answers, then a deploy whose pull fails on the toolbox turn `error`
+with the agent's reason, and a server whose process dies read `error` with its exit code.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ class Walkthrough:
         def running() -> str:
             server = self.wait_for(state["id"], "running", self.config.settle_timeout)
             last = [e for e in server["progress"] if e["to"] == "running"]
-            if not last or last[-1]["source"] != "heartbeat":
-                raise DemoFailure(f"running was not reported by a heartbeat: {server['progress']}")
+            if not last or last[-1]["source"] != "api":
+                raise DemoFailure(f"running was not recorded from the agent's answer: {server['progress']}")
             history = ", ".join(f"{e['from'] or '-'} -> {e['to']} ({e['source']})" for e in server["progress"])
             return f"running at {server['endpoint']}, health {server['health']}; history: {history}"
 
@@ -250,7 +251,26 @@ class Walkthrough:
             )
             return f"running again, toolbox {server['toolbox']['status']}: {server['progress'][-1]['message']}"
 
+        def failed_pull() -> str:
+            body = {"toolbox_id": self.config.toolbox_id, "name": f"{state['name']}-broken",
+                    "image": "standin/stream-error:latest", "container_port": 3001}
+            server = self.call("POST", "/deploy_mcp_server", "/deploy_mcp_server", expect=202, json=body)
+            failed = self.wait_for(server["id"], "error", self.config.settle_timeout)
+            state["broken"] = server["id"]
+            return f"202, then error: {failed['error']}"
+
+        def dies() -> str:
+            self.control(f"containers/{state['name']}/crash", {"exit_code": 137})
+            self.call("GET", "/mcp_status", "/mcp_status", expect=200, params={"id": state["id"], "refresh": "true"})
+            self.control("heartbeats/send")
+            server = self.wait_for(state["id"], "error", self.config.settle_timeout,
+                                   also=lambda s: "code 137" in (s["error"] or ""))
+            return f"error: {server['error']}"
+
         def remove() -> str:
+            broken = self.manage(state.pop("broken"), "remove")
+            if broken.get("status") != "removed":
+                raise DemoFailure(f"remove answered {broken}, expected status removed")
             removed = self.manage(state["id"], "remove")
             if removed.get("status") != "removed":
                 raise DemoFailure(f"remove answered {removed}, expected status removed")
@@ -264,7 +284,9 @@ class Walkthrough:
             ("start it", start),
             ("silence the toolbox", silence),
             ("bring the toolbox back", recover),
-            ("remove it", remove),
+            ("deploy an image whose pull fails on the toolbox", failed_pull),
+            ("the server's process dies", dies),
+            ("remove both", remove),
         ]
 
 

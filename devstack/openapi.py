@@ -137,6 +137,13 @@ def _schemas() -> dict[str, Any]:
             },
             "last_heartbeat_at": _nullable(TIMESTAMP),
             "seconds_since_heartbeat": _nullable(COUNT),
+            "docker_healthy": {
+                "type": "boolean",
+                "description": "False when the toolbox's agent last said it cannot reach Docker.",
+            },
+            "agent_last_reached_at": _nullable(
+                {**TIMESTAMP, "description": "Last direct read of the agent that it answered (refresh=true)."}
+            ),
         }
     )
     schemas["Server"] = _strict(
@@ -157,7 +164,13 @@ def _schemas() -> dict[str, Any]:
             "health": {"type": "string", "enum": ["healthy", "degraded", "unhealthy", "unknown"]},
             "stale": {
                 "type": "boolean",
-                "description": "The toolbox's last heartbeat is older than the threshold.",
+                "description": "Nothing recent from the toolbox: its last heartbeat (and direct read) is older "
+                "than the threshold.",
+            },
+            "managed_by_agent": {
+                "type": "boolean",
+                "description": "False once the toolbox agent no longer manages the container (it restarted and "
+                "forgot it): start/stop are refused, removal removes the record only.",
             },
             "endpoint": _nullable({"type": "string", "description": "http://<toolbox ip>:<host port><path>"}),
             "transport": _nullable({"type": "string", "enum": ["stdio", "sse", "streamable_http"]}),
@@ -208,8 +221,15 @@ def _schemas() -> dict[str, Any]:
         {"server": _ref("Server"), "as_of": TIMESTAMP, "refresh": refresh}, optional=("refresh",)
     )
     schemas["Removed"] = _strict(
-        {"id": UUID, "name": STRING, "status": {"const": "removed"}},
-        "The container is gone from the toolbox and the record is deleted.",
+        {
+            "id": UUID,
+            "name": STRING,
+            "status": {"const": "removed"},
+            "left_on_toolbox": _nullable(
+                {"type": "string", "description": "What is still on the droplet and what to do about it."}
+            ),
+        },
+        "The record is deleted; the container is gone from the toolbox unless left_on_toolbox says otherwise.",
     )
     schemas["SweepCounts"] = _strict(
         {
@@ -364,7 +384,8 @@ def _paths() -> dict[str, Any]:
                 "parameters": [IDEMPOTENCY],
                 "description": "Records the server, commands the toolbox's DTMA (`POST /tools`) and answers "
                 "within DTMA_DEPLOY_BUDGET_SECONDS: 201 when the container runs, 202 while the "
-                "image is still being pulled.",
+                "image is still being pulled (the deploy goes on and records `running`, or `error` with the "
+                "agent's reason, the moment the agent answers).",
                 "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DeployRequest")}}},
                 "responses": _responses({"201": _body(_ref("Server"), "Running."), **accepted}, USER_ERRORS),
             },
@@ -404,7 +425,18 @@ def _paths() -> dict[str, Any]:
                 "summary": "Remove a server (container removed from the toolbox, record deleted)",
                 "tags": ["servers"],
                 "operationId": "removeMcpServer",
-                "parameters": [ID_PATH, IDEMPOTENCY],
+                "parameters": [
+                    ID_PATH,
+                    IDEMPOTENCY,
+                    {
+                        "name": "force",
+                        "in": "query",
+                        "required": False,
+                        "description": "`true`: delete the record without asking the toolbox (its droplet is "
+                        "unreachable or gone); whatever ran there is left as it was.",
+                        "schema": {"type": "string", "enum": ["true", "false"]},
+                    },
+                ],
                 "responses": _responses(manage_ok, USER_ERRORS),
             }
         },

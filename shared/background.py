@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
@@ -29,10 +30,27 @@ MAX_COMMANDS = 16
 _pool = ThreadPoolExecutor(max_workers=MAX_COMMANDS, thread_name_prefix="dtma-command")
 
 
+_pending: set[Future[object]] = set()
+_pending_lock = threading.Lock()
+
+
 def _log_late_failure(future: Future[object]) -> None:
+    with _pending_lock:
+        _pending.discard(future)
     exc = future.exception()
     if exc is not None:
         log.error("an agent command failed after its request had answered", exc_info=exc)
+
+
+def drain(timeout: float) -> bool:
+    """Wait for the commands still running after their request answered; True if none is left.
+
+    For an orderly shutdown (and for tests, before they empty the tables those commands write).
+    """
+    with _pending_lock:
+        pending = list(_pending)
+    _done, not_done = wait(pending, timeout=timeout)
+    return not not_done
 
 
 def run_within(budget: float, command: Callable[[], T]) -> tuple[bool, T | None]:
@@ -43,5 +61,7 @@ def run_within(budget: float, command: Callable[[], T]) -> tuple[bool, T | None]
     try:
         return True, future.result(timeout=budget)
     except FutureTimeout:
+        with _pending_lock:
+            _pending.add(future)
         future.add_done_callback(_log_late_failure)
         return False, None

@@ -86,8 +86,10 @@ def _command(rt: Runtime, instance: dict[str, Any], toolbox: dict[str, Any], env
         outcome = from_dtma_error(exc, action="deploy", name=name)
     # The agent's words may quote the request's env values (secrets: never stored or returned).
     outcome = replace(outcome, message=redact(outcome.message))
-    to = outcome.to or lifecycle.Status.ERROR  # a deploy that never reached the agent created nothing
-    rt.db.call("cp_settle", p_instance_id=instance["id"], p_expected="deploying", p_to=to.value,
+    # A deploy that never reached the agent created nothing: an error. No answer (to None): the
+    # outcome is unknown, only the event is written; a heartbeat or the sweep's deadline settles it.
+    to = lifecycle.Status.ERROR if not outcome.reached else outcome.to
+    rt.db.call("cp_settle", p_instance_id=instance["id"], p_expected="deploying", p_to=to.value if to else None,
                p_message=outcome.message, p_container_id=container_id, p_runtime=runtime_details)
     return outcome
 
@@ -108,7 +110,7 @@ def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
     done, outcome = background.run_within(settings.DTMA_DEPLOY_BUDGET_SECONDS,
                                           lambda: _command(rt, instance, toolbox, request.env))
     view = status.read_server(rt, user_id, instance["id"])
-    if not done or outcome is None:
+    if not done or outcome is None or outcome.http_status == 202:
         return Reply(202, view)
     if outcome.http_status >= 400:
         raise ApiError(outcome.http_status, outcome.code, outcome.message, {"server": view})

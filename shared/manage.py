@@ -285,7 +285,7 @@ def act(rt: Runtime, user_id: str, request: _Request) -> Reply:
         return Reply(200, {"id": instance["id"], "name": name, "status": "removed",
                            "left_on_toolbox": result.left_on_toolbox})
     view = status.read_server(rt, user_id, instance["id"])
-    if not done or result is None or not result.confirmed:
+    if not done or result is None or not result.confirmed or (result.failure and result.failure.http_status == 202):
         return Reply(202, view)
     if result.failure is None:
         return Reply(200, view)

@@ -6,7 +6,7 @@ docs/real-agent.md.
 
 | DTMA said                                   | instance             | HTTP | code                 |
 |---------------------------------------------|----------------------|------|----------------------|
-| nothing within the command timeout          | deploy: error, else unchanged | 504 | `toolbox_timeout` |
+| no answer (timeout, connection broke)       | unchanged (deadline) | 202  | `accepted`           |
 | connection refused / DNS / connect timeout  | as before the action | 502  | `toolbox_unreachable`|
 | 409 (name or port in its own map)           | error                | 409  | `conflict`           |
 | 500 "port is already allocated"             | error                | 409  | `host_port_taken`    |
@@ -43,9 +43,8 @@ class Outcome:
 
 def from_dtma_error(exc: DtmaError, *, action: str, name: str) -> Outcome:
     if isinstance(exc, DtmaTimeout):
-        return Outcome(Status.ERROR if action == "deploy" else None,
-                       f"{exc.message}; it may still be working on it: the next heartbeat will show whether {name} "
-                       "runs", 504, "toolbox_timeout")
+        return Outcome(None, f"{exc.message}; it may still be working on it: the next heartbeat will tell whether "
+                             f"{name} is up", 202, "accepted")
     if isinstance(exc, DtmaUnreachable):
         return Outcome(None, f"the {action} of {name} never reached the toolbox: {exc.message}. Nothing changed on "
                              f"the toolbox; check that the droplet is running and its port is open, then try again",

@@ -52,10 +52,14 @@ def database_url() -> Iterator[str]:
 @pytest.fixture
 def pg(database_url: str) -> Iterator[psycopg.Connection]:
     """A superuser/owner connection for arranging and asserting; tables are emptied after."""
+    from shared import background
+
     with psycopg.connect(database_url, autocommit=True) as conn:
         try:
             yield conn
         finally:
+            # Agent commands that outlived their request still write to these tables.
+            background.drain(timeout=30)
             conn.execute(TRUNCATE)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -168,7 +169,7 @@ def valid_beat(world: World) -> dict[str, Any]:
             "boot_id": "boot-1", "seq": 1,
             "tool_statuses": [
                 {"id": "c" * 64, "names": ["/srv-running"], "image": "mcp/github:latest", "image_id": "sha256:ab",
-                 "command": "run", "created": 1764000000, "state": "running", "status": "Up 2 minutes",
+                 "command": "run", "created": int(time.time()), "state": "running", "status": "Up 2 minutes",
                  "ports": [{"ip": "0.0.0.0", "private_port": 8080, "public_port": 49152, "type": "tcp"}]},
                 {"account_tool_instance_id": world.stopped, "status_on_toolbox": "stopped",
                  "instance_name_on_toolbox": "srv-stopped", "runtime_details": {"k": "v"}},

@@ -100,7 +100,8 @@ def test_functions_client_deploy_status_manage(observed: dict[str, Any]) -> None
     assert ok(seen["statusGet"], 200)["server"]["effective_status"] == "running"
     assert ok(seen["stop"], 200)["status"] == "stopped"
     assert ok(seen["start"], 200)["status"] == "running"
-    assert ok(seen["remove"], 200) == {"id": server["id"], "name": server["name"], "status": "removed"}
+    assert ok(seen["remove"], 200) == {"id": server["id"], "name": server["name"], "status": "removed",
+                                       "left_on_toolbox": None}
 
 
 def test_functions_client_errors_are_functions_http_errors(observed: dict[str, Any]) -> None:

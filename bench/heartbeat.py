@@ -110,7 +110,7 @@ def system_status() -> dict[str, Any]:
 
 
 def container_body(n: int) -> str:
-    """What the real DTMA posts: every container as a snake_cased Docker summary (reference §3.7)."""
+    """What the real DTMA posts: every container as a snake_cased Docker summary (docs/real-agent.md)."""
     items = []
     for k in range(PER_TOOLBOX):
         cid = hashlib.sha256(f"{n}/{k}".encode()).hexdigest()

@@ -42,7 +42,7 @@ def _check_ports(request: DeployRequest, rt: Runtime) -> None:
 
 
 def dtma_body(instance: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """The body of DTMA's `POST /tools` (reference §3.3): the agent reads only Env and PortBindings."""
+    """The body of DTMA's `POST /tools` (docs/real-agent.md): the agent reads only Env and PortBindings."""
     return {
         "dockerImageUrl": instance["docker_image_url"],
         "instanceNameOnToolbox": instance["instance_name_on_toolbox"],
@@ -54,7 +54,7 @@ def dtma_body(instance: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
 
 def _outcome_of_answer(answer: dict[str, Any], name: str) -> tuple[Outcome, str | None, dict[str, Any]]:
     """A 201 is not proof of a running server: the real DTMA answers 201 for a container that
-    exited at once (reference §3.10), so the reported state decides."""
+    exited at once (docs/real-agent.md), so the reported state decides."""
     data = answer["data"]
     state = data.get("state") if isinstance(data.get("state"), dict) else {}
     container_id = data.get("container_id") if isinstance(data.get("container_id"), str) else None

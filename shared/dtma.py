@@ -174,7 +174,7 @@ class DtmaClient:
     def deploy(self, target: Target, body: dict[str, Any], budget: float) -> dict[str, Any]:
         """`POST /tools`: pull, create and start (synchronous on the agent)."""
         answer = self._request(target, "POST", "/tools", budget, body)
-        # The agent always sends Docker's inspect `State` (reference §3.10); without it the answer
+        # The agent always sends Docker's inspect `State` (docs/real-agent.md); without it the answer
         # says nothing about the container, which must not read as "it exited".
         if not isinstance(answer, dict) or not isinstance(answer.get("data"), dict) \
                 or not isinstance(answer["data"].get("state"), dict):

@@ -6,9 +6,10 @@ the database's part (`cp_ingest_heartbeat`, sql/migrations/0005_heartbeat.sql) i
 apply and record them in one round trip. Items come in two formats, detected per item:
 
 * instance format `{account_tool_instance_id, status_on_toolbox, ...}` (what the original
-  backend expected, reference §2.3);
-* container format: the Docker container summaries the real DTMA sends today (reference
-  §3.7/§3.10), matched by container name to `instance_name_on_toolbox` on this toolbox.
+  backend expected);
+* container format: the Docker container summaries the real DTMA sends today
+  (docs/real-agent.md), matched to the instance this service created on this toolbox: by
+  container id once known, else by name for a container created after the instance was recorded.
 
 An item `{"error": ...}` means the agent could not talk to Docker: the toolbox's Docker is
 recorded as unhealthy and no instance changes.

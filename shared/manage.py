@@ -203,9 +203,9 @@ class _Steps:
                 return _Result(self.revert(Status.DELETING, from_dtma_error(exc, action="remove", name=self.name)))
             listed = self.listing()
             if listed:
-                left = (f"container {self.name} is still on the droplet: the toolbox agent no longer manages it, so "
-                        f"it could not remove it. Run docker rm -f {self.name} on the droplet to free its name and "
-                        "port")
+                left = (f"container {self.name} is still on the droplet: the toolbox agent does not manage it (the "
+                        "agent restarted since, or a failed deploy left it behind), so it could not remove it. Run "
+                        f"docker rm -f {self.name} on the droplet to free its name and port")
             elif listed is None:
                 left = (f"the toolbox agent does not know {self.name} and its container list could not be read: "
                         f"check the droplet for a container named {self.name} (docker ps -a)")

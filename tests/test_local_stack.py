@@ -70,7 +70,7 @@ def checked(response: httpx.Response, documented: str) -> Any:
 
 
 def heartbeat_payload() -> dict[str, Any]:
-    """What the real DTMA sends: every container, its own included (reference §3.7)."""
+    """What the real DTMA sends: every container, its own included (docs/real-agent.md)."""
     return {"dtma_version": "0.1.0", "system_status": {"uptime": 12.5, "memory": {"free": 1, "total": 2}},
             "tool_statuses": [{"id": "f00d" * 16, "names": ["/dtma_manager"], "image": "dtma-agent:latest",
                                "image_id": "sha256:" + "0" * 64, "command": "npm start", "created": 1700000000,

@@ -1,5 +1,5 @@
 """manage_mcp_server: start, stop, restart, remove, through the real database and a DTMA
-stand-in that reproduces the real agent's quirks (reference §3.10)."""
+stand-in that reproduces the real agent's quirks (docs/real-agent.md)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from shared.runtime import Runtime
 
 _PATH = re.compile(r"^/(?P<id>[0-9a-fA-F-]{36})(?:/(?P<action>start|stop|restart|remove|delete))?/?$")
 _ALREADY_STOPPED = "304"
-_TRUE = frozenset({"true", "1", "yes"})
+_TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no", ""})
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,32 @@ def _route(call: Call) -> _Request:
             raise ApiError(405, "method_not_allowed", "use POST with {instance_id, action}")
         body = call.json()
         request = parse(ActionRequest, body)
-        return _Request(str(request.instance_id), request.action, request.force, body)
+        return _checked(_Request(str(request.instance_id), request.action, request.force, body))
     match = _PATH.match(call.path)
     if not match:
         raise ApiError(404, "not_found", f"no such route: {call.method} {call.path}")
     action = match.group("action")
-    force = (call.request.args.get("force") or "").lower() in _TRUE
+    force = _force(call.request.args.getlist("force"))
     if call.method == "DELETE" and action is None:
         return _Request(match.group("id").lower(), "remove", force, None)
     if call.method == "POST" and action is not None:
-        return _Request(match.group("id").lower(), action, force, None)
+        return _checked(_Request(match.group("id").lower(), action, force, None))
     raise ApiError(405, "method_not_allowed", "use POST /<id>/start|stop|restart or DELETE /<id>")
+
+
+def _force(values: list[str]) -> bool:
+    if not values:
+        return False
+    if len(values) > 1 or values[0].lower() not in _TRUE | _FALSE:
+        raise ApiError(400, "invalid_request", "force: must be given once, as true or false", {"param": "force"})
+    return values[0].lower() in _TRUE
+
+
+def _checked(request: _Request) -> _Request:
+    """Refused before anything is recorded: force only makes sense for a removal."""
+    if request.force and request.action not in ("remove", "delete"):
+        raise ApiError(400, "invalid_request", "force: applies to remove only", {"field": "force"})
+    return request
 
 
 @dataclass
@@ -268,8 +283,6 @@ def act(rt: Runtime, user_id: str, request: _Request) -> Reply:
     instance, toolbox = begun["instance"], begun["toolbox"]
     recorded = Status(instance["status_on_toolbox"])
     if request.force:
-        if recorded is not Status.DELETING:
-            raise ApiError(400, "invalid_request", "force applies to remove only", {"field": "force"})
         return _force_remove(rt, instance)
     try:
         target = rt.dtma.target(toolbox)

@@ -306,3 +306,18 @@ def test_last_heartbeat_from_dtma_is_the_last_heartbeat_that_reported_the_instan
     web.heartbeat()  # nothing changed on the toolbox
     assert stamp() > first
     assert web.server(running)["last_report_at"] is not None
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("post", "/{id}/stop?force=true", None), ("delete", "/{id}?force=maybe", None),
+    ("delete", "/{id}?force=true&force=false", None), ("post", "/", {"action": "stop", "force": True}),
+    ("post", "/", {"action": "remove", "force": "yes"}),
+])
+def test_force_is_refused_where_it_means_nothing_and_changes_nothing(web: Web, running: str, factory: Factory,
+                                                                     method: str, path: str, body: Any) -> None:
+    before = factory.events(running)
+    json_body = {"instance_id": running, **body} if body else None
+    response = getattr(web.manage_fn, method)(path.format(id=running), json=json_body,
+                                              headers=auth(web.box.user_id))
+    assert response.status_code == 400 and "force" in response.json["error"]["message"]
+    assert factory.status_of(running) == "running" and factory.events(running) == before

@@ -1,4 +1,4 @@
-"""A replay of the ORIGINAL heartbeat function's database access pattern (reference §2.3, W23),
+"""A replay of the ORIGINAL heartbeat function's database access pattern (one read, then one write per item),
 served the same way as ours, for bench/heartbeat.py's comparison.
 
 The original Edge Function made 1 SELECT (toolbox by token) + 1 UPDATE (toolbox) + N UPDATEs (one

@@ -26,7 +26,7 @@ from shared.errors import ApiError, ServiceUnavailable
 
 log = logging.getLogger("mcp.http")
 
-# What supabase-js sends (reference design §4, anchors §D) plus what our API reads. A wildcard
+# What supabase-js sends (tests/test_supabase_js.py runs the real client) plus what our API reads. A wildcard
 # does not cover `authorization`, so the list is explicit.
 ALLOW_HEADERS = ("authorization, x-client-info, apikey, content-type, x-retry-count, idempotency-key, "
                  "x-region, traceparent, tracestate, baggage, x-request-id")

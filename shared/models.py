@@ -4,7 +4,7 @@ Everything here ends up on a droplet as a container name, an image reference, en
 variables or a port binding, so each field is held to what Docker itself accepts and nothing
 else: no shell metacharacters, path traversal or control characters reach the DTMA. Unknown
 fields are refused (422, naming them) so a typo is never silently ignored; the camelCase names
-the web app sends today (reference §2.5) are accepted as aliases.
+the web app sends today are accepted as aliases.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The database port: every operation is one call of one SQL function.
 
-Decision (design §3.1): state transitions live in SQL functions, one call per operation, each
+Decision (README "Decisions"): state transitions live in SQL functions, one call per operation, each
 one transaction guarded by the expected current status. Python therefore needs exactly one
 primitive, `Database.call(name, **params)`, which returns the function's JSON result. Two
-transports implement it (design §3.2) and the same tests run on both:
+transports implement it and the same tests run on both:
 
 * `postgres` (psycopg pool, default whenever DATABASE_URL is set): one round trip per call;
 * `supabase` (supabase-py `rpc`): for deployments that only have the project URL and key.

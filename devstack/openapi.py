@@ -246,8 +246,19 @@ def _schemas() -> dict[str, Any]:
             "deadlines_failed": COUNT,
             "deadlines": {"type": "object", "additionalProperties": COUNT},
             "more": {"type": "boolean", "description": "A batch limit was hit; run again."},
+            "commands_requeued": {**COUNT, "description": "Agent commands handed to the queue again."},
+            "commands_waiting": {**COUNT, "description": "Commands to requeue that the queue did not take."},
+            "commands_given_up": {**COUNT, "description": "Commands open for too long, failed with a reason."},
         }
     )
+    schemas["CommandDelivery"] = _strict({"command_id": UUID}, "One task of the command queue.")
+    schemas["CommandResult"] = {
+        "type": "object",
+        "description": "What happened to the command: `state` done, failed (the agent never answered), "
+        "superseded (the server had moved on), gone; with the outcome recorded on the server.",
+        "required": ["state"],
+        "properties": {"state": {"type": "string", "enum": ["done", "failed", "superseded", "gone"]}},
+    }
     return schemas
 
 
@@ -317,8 +328,8 @@ def _paths() -> dict[str, Any]:
     accepted = {
         "202": _body(
             _ref("Server"),
-            "The toolbox did not answer within the budget; the work goes on "
-            "and heartbeats (or the sweep's deadline) settle it. Poll mcp_status.",
+            "Recorded and queued; the command worker records the outcome (`running`, or `error` with "
+            "the agent's reason) the moment the agent answers. Poll mcp_status.",
         )
     }
     manage_ok = {
@@ -382,12 +393,12 @@ def _paths() -> dict[str, Any]:
                 "tags": ["servers"],
                 "operationId": "deployMcpServer",
                 "parameters": [IDEMPOTENCY],
-                "description": "Records the server, commands the toolbox's DTMA (`POST /tools`) and answers "
-                "within DTMA_DEPLOY_BUDGET_SECONDS: 201 when the container runs, 202 while the "
-                "image is still being pulled (the deploy goes on and records `running`, or `error` with the "
-                "agent's reason, the moment the agent answers).",
+                "description": "Records the server and its deploy command, queues the command and answers 202 "
+                "at once; the command worker holds the toolbox agent's synchronous `POST /tools` as long as "
+                "the pull takes and records `running`, or `error` with the agent's reason, the moment it "
+                "answers.",
                 "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DeployRequest")}}},
-                "responses": _responses({"201": _body(_ref("Server"), "Running."), **accepted}, USER_ERRORS),
+                "responses": _responses(accepted, USER_ERRORS),
             },
             "options": _preflight("deploy_mcp_server"),
         },
@@ -485,6 +496,28 @@ def _paths() -> dict[str, Any]:
             "options": _preflight("dtma_heartbeat_ingest"),
         },
         "/dtma_heartbeat_ingest/heartbeat": {"post": {**heartbeat, "operationId": "ingestHeartbeat"}},
+        "/dtma_command_worker": {
+            "post": {
+                "summary": "Run one agent command (deploy, start, stop, restart, remove) and record its outcome",
+                "tags": ["operations"],
+                "operationId": "runCommand",
+                "security": [{"cloudRunIam": []}],
+                "description": "Called by Cloud Tasks (the local stack's emulator locally) with an OIDC token; "
+                "deployed without public access. 200 when the delivery needs no repeat (a duplicate of a "
+                "finished command included); 429 with Retry-After when the command must wait (an earlier "
+                "command of the same server is open, or the toolbox runs its maximum of commands), so the "
+                "queue delivers it again.",
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("CommandDelivery")}}},
+                "responses": _responses(
+                    {
+                        "200": _body(_ref("CommandResult"), "The delivery is complete."),
+                        "429": {"description": "Not now; delivered again later.",
+                                "content": {JSON: {"schema": _ref("Error")}}},
+                    },
+                    ("400", "405", "500", "503"),
+                ),
+            }
+        },
     }
 
 

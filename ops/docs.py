@@ -16,7 +16,7 @@ from shared.config import ALL_FUNCTIONS, Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _SHORT = {"deploy_mcp_server": "deploy", "manage_mcp_server": "manage", "mcp_status": "status",
-          "mcp_status_sweep": "sweep", "dtma_heartbeat_ingest": "heartbeat"}
+          "mcp_status_sweep": "sweep", "dtma_heartbeat_ingest": "heartbeat", "dtma_command_worker": "worker"}
 
 
 def config_table() -> str:

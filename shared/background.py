@@ -53,6 +53,15 @@ def drain(timeout: float) -> bool:
     return not not_done
 
 
+def submit(command: Callable[[], object]) -> None:
+    """Run `command` in the pool and return at once (it is tracked for `drain`)."""
+    context = contextvars.copy_context()
+    future = _pool.submit(context.run, command)
+    with _pending_lock:
+        _pending.add(future)
+    future.add_done_callback(_log_late_failure)
+
+
 def run_within(budget: float, command: Callable[[], T]) -> tuple[bool, T | None]:
     """Run `command` in the pool; (True, result) if it ended within `budget` seconds, else
     (False, None) and it goes on. Exceptions within the budget propagate to the caller."""

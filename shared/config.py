@@ -21,9 +21,14 @@ MANAGE = "manage_mcp_server"
 STATUS = "mcp_status"
 SWEEP = "mcp_status_sweep"
 HEARTBEAT = "dtma_heartbeat_ingest"
-ALL_FUNCTIONS = (DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT)
+WORKER = "dtma_command_worker"
+ALL_FUNCTIONS = (DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT, WORKER)
 USER_FACING = (DEPLOY, MANAGE, STATUS)
-CALLS_DTMA = (DEPLOY, MANAGE, STATUS)
+# Who talks to an agent: the worker runs every command (and, inline, so do deploy and manage);
+# mcp_status reads agents on refresh=true.
+CALLS_DTMA = (DEPLOY, MANAGE, STATUS, WORKER)
+# Who creates command tasks: deploy and manage for new commands, the sweep for lost ones.
+ENQUEUES = (DEPLOY, MANAGE, SWEEP)
 
 
 class ConfigError(RuntimeError):
@@ -78,13 +83,37 @@ class Settings(BaseSettings):
         None, "Legacy global key sent to every DTMA (DTMA_KEY_MODE=legacy only).", CALLS_DTMA)
     DTMA_CONNECT_TIMEOUT_SECONDS: float = _setting(2.0, "TCP connect timeout to a DTMA.", CALLS_DTMA, gt=0)
     DTMA_DEPLOY_BUDGET_SECONDS: float = _setting(
-        1.5, "How long deploy/manage wait for the DTMA's answer before replying 202 (the command goes on and "
-        "records its outcome when the agent answers).", (DEPLOY, MANAGE), gt=0)
+        1.5, "How long manage_mcp_server waits for its command's outcome before replying 202 (the command goes "
+        "on and records its outcome when the agent answers). Deploys answer at once.", (MANAGE,), gt=0)
     DTMA_COMMAND_TIMEOUT_SECONDS: float = _setting(
-        570.0, "How long a deploy or action waits for the agent's answer in all (a pull can take minutes); "
-        "keep it under DEPLOY_DEADLINE_SECONDS.", (DEPLOY, MANAGE), gt=0)
+        570.0, "How long the command worker waits for the agent's answer to one call (a pull can take minutes); "
+        "keep it under DEPLOY_DEADLINE_SECONDS and COMMAND_DISPATCH_DEADLINE_SECONDS.", (DEPLOY, MANAGE, WORKER),
+        gt=0)
     DTMA_STATUS_TIMEOUT_SECONDS: float = _setting(3.0, "Budget of mcp_status?refresh=true's DTMA read.",
                                                   (STATUS,), gt=0)
+    TOOLBOX_MAX_CONCURRENT_COMMANDS: int = _setting(
+        2, "Commands one toolbox runs at once (a droplet is not asked for many parallel pulls); more wait in "
+        "the queue.", (DEPLOY, MANAGE, WORKER), ge=1, le=50)
+
+    # --- the command queue (Cloud Tasks) -----------------------------------------------------------
+    TASKS_MODE: Literal["auto", "cloud_tasks", "inline"] = _setting(
+        "auto", "`cloud_tasks`: commands go to COMMAND_QUEUE and Cloud Tasks delivers them to the worker. "
+        "`inline`: this process runs them itself (tests, single-process development). `auto`: cloud_tasks when "
+        "COMMAND_QUEUE is set.", ENQUEUES)
+    COMMAND_QUEUE: str | None = _setting(
+        None, "Cloud Tasks queue of agent commands: projects/PROJECT/locations/REGION/queues/QUEUE.", ENQUEUES,
+        pattern=r"^projects/[a-z0-9-]+/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]+$")
+    COMMAND_WORKER_URL: str | None = _setting(
+        None, "URL of dtma_command_worker: where tasks are delivered, and the audience of their OIDC token.",
+        ENQUEUES)
+    COMMAND_INVOKER_SA: str | None = _setting(
+        None, "Service account whose OIDC token Cloud Tasks attaches to each delivery.", ENQUEUES)
+    CLOUD_TASKS_API_URL: str = _setting(
+        "https://cloudtasks.googleapis.com", "Cloud Tasks REST endpoint (the local stack points it at its "
+        "emulator).", ENQUEUES)
+    COMMAND_DISPATCH_DEADLINE_SECONDS: int = _setting(
+        900, "How long Cloud Tasks waits for the worker's answer to one delivery (15-1800).", ENQUEUES,
+        ge=15, le=1800)
     ALLOW_PRIVATE_TOOLBOX_IPS: bool = _setting(
         False, "Allow loopback/private/link-local toolbox addresses (local development only).", CALLS_DTMA)
     HOST_PORT_RANGE: str = _setting("49152-49999", "Host ports allocated to MCP servers when the request "
@@ -176,6 +205,12 @@ class Settings(BaseSettings):
         return 3 * self.HEARTBEAT_INTERVAL_SECONDS + self.HEARTBEAT_GRACE_SECONDS
 
     @property
+    def tasks_mode(self) -> Literal["cloud_tasks", "inline"]:
+        if self.TASKS_MODE != "auto":
+            return self.TASKS_MODE
+        return "cloud_tasks" if self.COMMAND_QUEUE else "inline"
+
+    @property
     def on_google_cloud(self) -> bool:
         return "K_SERVICE" in os.environ
 
@@ -193,6 +228,11 @@ class Settings(BaseSettings):
         if function in USER_FACING and self.SUPABASE_JWT_SECRET is None and self.jwks_url is None:
             problems.append("no way to verify user tokens: set SUPABASE_JWT_SECRET or SUPABASE_URL "
                             "(or SUPABASE_JWKS_URL)")
+        if function in ENQUEUES and self.tasks_mode == "cloud_tasks":
+            missing = [name for name in ("COMMAND_QUEUE", "COMMAND_WORKER_URL", "COMMAND_INVOKER_SA")
+                       if not getattr(self, name)]
+            if missing:
+                problems.append("TASKS_MODE=cloud_tasks needs " + ", ".join(missing))
         if function in CALLS_DTMA:
             if self.DTMA_KEY_MODE == "derived" and self.DTMA_KEY_SECRET is None:
                 problems.append("DTMA_KEY_MODE=derived needs DTMA_KEY_SECRET")

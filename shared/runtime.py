@@ -21,6 +21,7 @@ from shared.logging import setup_logging
 if TYPE_CHECKING:
     from shared.auth import JwtVerifier
     from shared.dtma import DtmaClient
+    from shared.tasks import Queue
 
 
 @dataclass
@@ -43,6 +44,17 @@ class Runtime:
         from shared.dtma import DtmaClient
 
         return DtmaClient.from_settings(self.settings)
+
+    @functools.cached_property
+    def tasks(self) -> Queue:
+        """Where recorded commands go: Cloud Tasks, or (inline) this process's own worker."""
+        from shared import tasks
+
+        if self.settings.tasks_mode == "cloud_tasks":
+            return tasks.CloudTasksQueue(self.settings)
+        from shared import commands
+
+        return tasks.InlineQueue(lambda command_id: commands.execute(self, command_id))
 
 
 _runtimes: dict[str, Runtime] = {}

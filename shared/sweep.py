@@ -19,9 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from shared import commands_queue
 from shared.config import Settings
 from shared.db import Database
 from shared.http import Call, Reply
+from shared.runtime import Runtime
 
 log = logging.getLogger("mcp.sweep")
 
@@ -58,9 +60,28 @@ def _log(counts: dict[str, Any], settings: Settings) -> None:
                  "; more to do" if counts["more"] else "", extra=fields)
 
 
-def handle(call: Call, db: Database) -> Reply:
+# A command the queue should have delivered by now (pending, or its lease long expired) is enqueued
+# again after this long; one still open after COMMAND_GIVE_UP_SECONDS is failed.
+COMMAND_REQUEUE_SECONDS = 300
+COMMAND_GIVE_UP_SECONDS = 3600
+
+
+def requeue_commands(rt: Runtime) -> dict[str, int]:
+    """Commands whose enqueue failed or that the queue lost go to the queue again (the outbox's
+    other half: shared/commands_queue.py); commands that never ran are failed with a reason."""
+    found = rt.db.call("cp_commands_to_requeue", p_requeue_after_seconds=COMMAND_REQUEUE_SECONDS,
+                       p_give_up_after_seconds=COMMAND_GIVE_UP_SECONDS, p_batch_size=rt.settings.SWEEP_BATCH_SIZE)
+    requeued = 0
+    if rt.settings.tasks_mode == "cloud_tasks":
+        requeued = sum(commands_queue.send(rt, item["id"], item["attempt"]) for item in found["requeue"])
+    return {"commands_requeued": requeued, "commands_waiting": len(found["requeue"]) - requeued,
+            "commands_given_up": found["given_up"]}
+
+
+def handle(call: Call, rt: Runtime) -> Reply:
     """One sweep; 200 with the counts, including when the guard tripped (the sweep did its job)."""
-    counts = sweep_once(db, call.settings)
+    counts = sweep_once(rt.db, call.settings)
+    counts.update(requeue_commands(rt))
     call.log_fields.update({"guard_tripped": counts["guard_tripped"], "marked": counts["marked_unresponsive"],
                             "deadlines_failed": counts["deadlines_failed"]})
     _log(counts, call.settings)

@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import JWT_SECRET, ROOT
 from tests.factories import MASTER_SECRET, Factory, Toolbox
+from tests.flows import settle
 from tests.jwt_helpers import mint_hs256
 
 DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT = ("deploy_mcp_server", "manage_mcp_server", "mcp_status",
@@ -301,7 +302,8 @@ def test_near_valid_deploys(clients: dict[str, FlaskClient], world: World, pg: p
     response = post_json(clients[DEPLOY], body, world.owner_auth)
     # A mutation can leave a valid request (e.g. another free host port): then it deploys, once
     # (the name is fixed, so later valid ones are 409s that must change nothing).
-    check(response, pg, before, success=(201, 202))
+    check(response, pg, before, success=(202,))
+    settle()  # a valid one's command runs now, not during the next example
     if response.status_code >= 400:
         assert len(world.dtma_calls()) == calls
 
@@ -691,7 +693,8 @@ def test_privileged_ports_are_allowed_only_when_configured(database_url: str, wo
                                                            pg: psycopg.Connection) -> None:
     allowed = build_clients(base_env(database_url) | {"ALLOW_PRIVILEGED_PORTS": "true"}, (DEPLOY,))[DEPLOY]
     response = post_json(allowed, valid_deploy(world) | {"host_port": 80}, world.owner_auth)
-    assert response.status_code == 201, response.json
+    assert response.status_code == 202, response.json
+    settle()
     assert response.json["endpoint"].endswith(":80/mcp")
     # Still never the agent's port, whatever else is allowed.
     before = snapshot(pg)
@@ -706,7 +709,8 @@ def test_header_injection_strings_in_values_stay_values(clients: dict[str, Flask
     as a JSON string to the DTMA, never into a header, a shell or the database."""
     injected = "x\r\nX-Injected: 1\r\n\r\n$(reboot)`id`;rm -rf /"
     response = post_json(clients[DEPLOY], valid_deploy(world) | {"env": {"EVIL": injected}}, world.owner_auth)
-    assert response.status_code == 201, response.json
+    assert response.status_code == 202, response.json
+    settle()
     assert_no_injected_header(response)
     (container,) = [c for c in world.agent.containers() if c.name == "fuzz-srv"]
     assert container.env_dict() == {"EVIL": injected}

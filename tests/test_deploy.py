@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from ops.credentials import issue
 from tests.conftest import JWT_SECRET
 from tests.factories import MASTER_SECRET, Factory
+from tests.flows import last_command, server_row, settle
 from tests.jwt_helpers import mint_hs256
 
 FN = "deploy_mcp_server"
@@ -44,13 +45,19 @@ def test_deploy_runs_and_answers_the_server(client: FlaskClient, toolbox_agent: 
                                             pg: psycopg.Connection) -> None:
     box, agent = toolbox_agent()
     response = client.post("/", json=spec(box), headers=auth(box.user_id))
-    assert response.status_code == 201, response.json
+    # Answered at once, before the agent is called; the command worker does the rest.
+    assert response.status_code == 202, response.json
     server = response.json
-    assert server["name"] == "mcp-github" and server["status"] == "running"
-    assert server["effective_status"] == "running"
+    assert server["name"] == "mcp-github" and server["status"] == server["effective_status"] == "deploying"
     host_port = 49152
     assert server["endpoint"] == f"http://127.0.0.1:{host_port}/mcp"
-    assert [e["to"] for e in server["progress"]][-3:] == ["pending_deploy", "deploying", "running"]
+    assert [e["to"] for e in server["progress"]][-2:] == ["pending_deploy", "deploying"]
+    sealed = pg.execute("select to_jsonb(c)::text from dtma_commands c").fetchone()[0]
+    assert "ghp_supersecret123" not in sealed  # the env values wait in the queue sealed, not in clear
+    settle()
+    assert server_row(pg, server["id"]) == ("running", None)
+    assert last_command(pg, server["id"])["status"] == "done"
+    assert pg.execute("select secret_env from dtma_commands").fetchone()[0] is None  # erased once done
     (container,) = [c for c in agent.containers() if c.name == "mcp-github"]
     assert container.image == "mcp/github:latest" and container.state == "running"
     assert container.env_dict() == {"GITHUB_TOKEN": "ghp_supersecret123"}
@@ -66,7 +73,7 @@ def test_camel_case_aliases_of_the_web_app(client: FlaskClient, toolbox_agent: A
             "mcpTransport": "sse", "mcpPort": 9000, "mcpEndpoint": "/sse", "environmentVariables": {"A": "b"},
             "mcpCapabilities": ["tools"]}
     response = client.post("/", json=body, headers=auth(box.user_id))
-    assert response.status_code == 201, response.json
+    assert response.status_code == 202, response.json
     assert response.json["transport"] == "sse" and response.json["endpoint"].endswith("/sse")
 
 
@@ -75,7 +82,7 @@ def test_host_ports_are_allocated_uniquely_and_never_the_agents(client: FlaskCli
     ports = set()
     for n in range(3):
         response = client.post("/", json=spec(box, name=f"srv-{n}"), headers=auth(box.user_id))
-        assert response.status_code == 201
+        assert response.status_code == 202
         ports.add(response.json["endpoint"].split(":")[2].split("/")[0])
     assert len(ports) == 3 and "30000" not in ports
 
@@ -88,7 +95,7 @@ def test_a_pull_slower_than_the_budget_answers_202_and_its_outcome_is_recorded_w
     assert response.status_code == 202, response.json
     assert response.json["status"] == "deploying"
     instance_id = response.json["id"]
-    # No heartbeat: the deploy's own command hears the agent's 201 and records it.
+    # No heartbeat: the deploy's command hears the agent's 201 and records it.
     deadline = time.monotonic() + 5
     while factory.status_of(instance_id) != "running":
         assert time.monotonic() < deadline, factory.events(instance_id)
@@ -102,12 +109,14 @@ def test_dtma_down_fails_the_deploy_with_an_actionable_message(client: FlaskClie
     box, agent = toolbox_agent()
     agent.refuse_connections()
     response = client.post("/", json=spec(box), headers=auth(box.user_id))
-    assert response.status_code == 502
-    error = response.json["error"]
-    assert error["code"] == "toolbox_unreachable"
-    assert error["message"].startswith(f"the deploy of mcp-github never reached the toolbox: toolbox at "
-                                       f"127.0.0.1:{agent.port} is unreachable")
-    assert error["details"]["server"]["status"] == "error"
+    assert response.status_code == 202
+    settle()
+    status, error = server_row(factory.conn, response.json["id"])
+    assert status == "error"
+    assert error.startswith(f"the deploy of mcp-github never reached the toolbox: toolbox at 127.0.0.1:{agent.port} "
+                            "is unreachable")
+    command = last_command(factory.conn, response.json["id"])
+    assert command["status"] == "failed" and command["outcome"]["code"] == "toolbox_unreachable"
 
 
 @pytest.mark.parametrize(("status", "body", "http", "code"), [
@@ -120,23 +129,30 @@ def test_dtma_refusals(client: FlaskClient, toolbox_agent: Any, factory: Factory
     box, agent = toolbox_agent()
     agent.fail_next("deploy", status, body)
     response = client.post("/", json=spec(box), headers=auth(box.user_id))
-    assert response.status_code == http and response.json["error"]["code"] == code
-    server = response.json["error"]["details"]["server"]
-    assert server["status"] == "error" and server["error"] == response.json["error"]["message"]
+    assert response.status_code == 202
+    settle()
+    command = last_command(factory.conn, response.json["id"])
+    assert (command["outcome"]["http_status"], command["outcome"]["code"]) == (http, code)
+    assert server_row(factory.conn, response.json["id"]) == ("error", command["outcome"]["message"])
 
 
-def test_a_container_that_exits_at_once_is_a_failed_deploy(client: FlaskClient, toolbox_agent: Any) -> None:
+def test_a_container_that_exits_at_once_is_a_failed_deploy(client: FlaskClient, toolbox_agent: Any,
+                                                            pg: psycopg.Connection) -> None:
     box, _ = toolbox_agent()
     response = client.post("/", json=spec(box, image="standin/exit-1:latest"), headers=auth(box.user_id))
-    assert response.status_code == 502
-    assert response.json["error"]["code"] == "container_exited"
-    assert "with code 1" in response.json["error"]["message"]
+    assert response.status_code == 202
+    settle()
+    assert last_command(pg, response.json["id"])["outcome"]["code"] == "container_exited"
+    status, error = server_row(pg, response.json["id"])
+    assert status == "error" and "with code 1" in error
 
 
-def test_image_pull_denied(client: FlaskClient, toolbox_agent: Any) -> None:
+def test_image_pull_denied(client: FlaskClient, toolbox_agent: Any, pg: psycopg.Connection) -> None:
     box, _ = toolbox_agent()
     response = client.post("/", json=spec(box, image="standin/pull-denied:latest"), headers=auth(box.user_id))
-    assert response.status_code == 502 and response.json["error"]["code"] == "image_pull_failed"
+    assert response.status_code == 202
+    settle()
+    assert last_command(pg, response.json["id"])["outcome"]["code"] == "image_pull_failed"
 
 
 def test_twenty_concurrent_deploys_with_one_idempotency_key(client: FlaskClient, toolbox_agent: Any,
@@ -150,7 +166,8 @@ def test_twenty_concurrent_deploys_with_one_idempotency_key(client: FlaskClient,
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         results = list(pool.map(send, range(20)))
-    assert {status for status, _ in results} == {201}
+    settle()
+    assert {status for status, _ in results} == {202}
     assert len({body["id"] for _, body in results}) == 1
     assert tools_posts(agent) == 1
     assert pg.execute("select count(*) from account_tool_instances").fetchone()[0] == 1
@@ -159,11 +176,11 @@ def test_twenty_concurrent_deploys_with_one_idempotency_key(client: FlaskClient,
 def test_same_key_with_a_different_body_is_422(client: FlaskClient, toolbox_agent: Any) -> None:
     box, _ = toolbox_agent()
     headers = {**auth(box.user_id), "Idempotency-Key": "k1"}
-    assert client.post("/", json=spec(box), headers=headers).status_code == 201
+    assert client.post("/", json=spec(box), headers=headers).status_code == 202
     again = client.post("/", json=spec(box, name="other"), headers=headers)
     assert again.status_code == 422 and "different request" in again.json["error"]["message"]
     replay = client.post("/", json=spec(box), headers=headers)
-    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.status_code == 202 and replay.headers["Idempotent-Replayed"] == "true"
 
 
 def test_two_concurrent_deploys_of_one_name(client: FlaskClient, toolbox_agent: Any) -> None:
@@ -171,7 +188,7 @@ def test_two_concurrent_deploys_of_one_name(client: FlaskClient, toolbox_agent: 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         statuses = sorted(pool.map(lambda _: client.post("/", json=spec(box), headers=auth(box.user_id)).status_code,
                                    range(2)))
-    assert statuses == [201, 409]
+    assert statuses == [202, 409]
 
 
 @pytest.mark.parametrize(("status", "message"), [
@@ -258,19 +275,22 @@ def test_a_toolboxs_key_opens_only_its_own_dtma(client: FlaskClient, toolbox_age
     # Point Y's row at X's agent: the backend sends Y's key, which X's agent must refuse.
     pg.execute("update account_tool_environments set dtma_port = %s where id = %s", (agent_x.port, box_y.id))
     response = client.post("/", json=spec(box_y), headers=auth(box_y.user_id))
-    assert response.status_code == 502 and response.json["error"]["code"] == "toolbox_key_rejected"
+    assert response.status_code == 202
+    settle()
+    assert last_command(pg, response.json["id"])["outcome"]["code"] == "toolbox_key_rejected"
     assert [c.name for c in agent_x.containers() if c.name == "mcp-github"] == []
 
 
 def test_rotation_retires_the_old_key_in_both_directions(function_client: Any, toolbox_agent: Any,
-                                                         database_url: str) -> None:
+                                                         database_url: str, pg: psycopg.Connection) -> None:
     client = function_client(FN)
     box, agent = toolbox_agent()
     new_token, version = issue(database_url, box.id, rotate=True, key_mode="derived",
                                master_secret=MASTER_SECRET, legacy_key=None)
     assert version == 2 and new_token != box.token
     deploy = client.post("/", json=spec(box), headers=auth(box.user_id))
-    assert deploy.status_code == 502 and deploy.json["error"]["code"] == "toolbox_key_rejected"
+    settle()
+    assert last_command(pg, deploy.json["id"])["outcome"]["code"] == "toolbox_key_rejected"
     heartbeat = function_client("dtma_heartbeat_ingest")
     old = heartbeat.post("/heartbeat", json=agent.heartbeat_payload(), headers={"Authorization": f"Bearer {box.token}"})
     new = heartbeat.post("/heartbeat", json=agent.heartbeat_payload(), headers={"Authorization": f"Bearer {new_token}"})
@@ -286,7 +306,8 @@ def test_no_request_goes_anywhere_but_the_toolboxs_dtma(client: FlaskClient, too
     with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
         dtma = router.route(host="127.0.0.1", port=agent.port).pass_through()
         response = client.post("/", json=spec(box), headers=auth(box.user_id))
-    assert response.status_code == 201, response.json
+        settle()  # the command calls the agent from the worker pool, still inside the mock
+    assert response.status_code == 202, response.json
     # respx records a pass-through call on its route; the agent's own log is the ground truth.
     assert {str(c.request.url) for c in dtma.calls} == {f"http://127.0.0.1:{agent.port}/tools"}
     assert [(r.method, r.path) for r in agent.requests] == [("POST", "/tools")]

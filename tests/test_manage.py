@@ -10,6 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.factories import Factory
+from tests.flows import settle
 from tests.test_deploy import auth, spec
 
 FN = "manage_mcp_server"
@@ -20,7 +21,8 @@ def deployed(function_client: Any, toolbox_agent: Any) -> tuple[Any, Any, str]:
     """A running MCP server deployed through deploy_mcp_server onto a stand-in."""
     box, agent = toolbox_agent()
     response = function_client("deploy_mcp_server").post("/", json=spec(box), headers=auth(box.user_id))
-    assert response.status_code == 201, response.json
+    assert response.status_code == 202, response.json
+    settle()
     return box, agent, response.json["id"]
 
 

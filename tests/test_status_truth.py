@@ -15,6 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.factories import Factory
+from tests.flows import last_command, settle
 from tests.test_deploy import auth, spec
 
 DEPLOY, MANAGE, STATUS, HEARTBEAT = "deploy_mcp_server", "manage_mcp_server", "mcp_status", "dtma_heartbeat_ingest"
@@ -62,7 +63,9 @@ def web(function_client: Any, toolbox_agent: Any) -> Web:
 @pytest.fixture
 def running(web: Web) -> str:
     response = web.deploy()
-    assert response.status_code == 201, response.json
+    assert response.status_code == 202, response.json
+    settle()
+    assert web.server(response.json["id"])["status"] == "running"
     return response.json["id"]
 
 
@@ -93,8 +96,10 @@ def test_d2_a_slow_pull_that_fails_is_an_error_with_the_agents_reason_when_it_an
 
 def test_d2_a_pull_the_registry_refuses_is_an_error_at_once(web: Web) -> None:
     response = web.deploy(image="standin/pull-denied:latest")
-    assert response.status_code == 502 and response.json["error"]["code"] == "image_pull_failed"
-    assert "pull access denied" in response.json["error"]["message"]
+    assert response.status_code == 202
+    settle()
+    seen = web.server(response.json["id"])
+    assert seen["status"] == "error" and "pull access denied" in seen["error"]
 
 
 # --- D3: a container that exits or is killed after it ran ----------------------------------------
@@ -126,8 +131,9 @@ def test_d3_a_stop_the_user_asked_for_is_a_stop_whatever_the_exit_code(web: Web,
 
 def test_d4_a_start_that_exits_at_once_is_an_error_not_running(web: Web, factory: Factory) -> None:
     deployed = web.deploy(image="standin/exit-1:latest")
-    assert deployed.status_code == 502 and deployed.json["error"]["code"] == "container_exited"
-    server = deployed.json["error"]["details"]["server"]["id"]
+    settle()
+    server = deployed.json["id"]
+    assert last_command(factory.conn, server)["outcome"]["code"] == "container_exited"
     started = web.act(server, "start")  # the agent answers 200 "started successfully"
     assert started.status_code == 502, started.json
     assert started.json["error"]["code"] == "container_exited"
@@ -149,7 +155,7 @@ def test_d5_ports_the_toolbox_reports_in_use_are_allocated_around(web: Web) -> N
     web.agent.add_unmanaged_container("other-app", "nginx:latest", host_port=49152)
     web.heartbeat()  # lists other-app publishing 49152
     picked = web.deploy()
-    assert picked.status_code == 201, picked.json
+    assert picked.status_code == 202, picked.json
     assert picked.json["host_port"] != 49152
     named = web.deploy(name="second", host_port=49152)
     assert named.status_code == 409
@@ -160,11 +166,12 @@ def test_d5_a_port_taken_before_any_heartbeat_says_so_and_the_leftover_can_be_re
                                                                                       factory: Factory) -> None:
     web.agent.add_unmanaged_container("other-app", "nginx:latest", host_port=49152)
     failed = web.deploy(host_port=49152)  # the agent's own check sees only its map; Docker refuses
-    assert failed.status_code == 409 and failed.json["error"]["code"] == "host_port_taken"
-    message = failed.json["error"]["message"]
+    settle()
+    server = failed.json["id"]
+    assert last_command(factory.conn, server)["outcome"]["code"] == "host_port_taken"
+    message = web.server(server)["error"]
     assert message.startswith("host port 49152 is already taken on the toolbox") and "restart" not in message
     assert "docker rm -f mcp-github" in message
-    server = failed.json["error"]["details"]["server"]["id"]
     removed = web.act(server, "remove")  # the agent answers 404 for the `created` leftover
     assert removed.status_code == 200, removed.json
     assert "docker rm -f mcp-github" in removed.json["left_on_toolbox"]

@@ -15,5 +15,5 @@ RUNTIME = runtime.load(FUNCTION)
 @functions_framework.http
 def mcp_status_sweep(request: flask.Request) -> flask.Response:
     # No CORS: no browser ever calls the sweep.
-    return serve(request, FUNCTION, RUNTIME.settings, lambda call: sweep.handle(call, RUNTIME.db),
+    return serve(request, FUNCTION, RUNTIME.settings, lambda call: sweep.handle(call, RUNTIME),
                  methods={"POST"}, cors=False)

@@ -41,6 +41,18 @@ async function observe(promise) {
   return seen;
 }
 
+// A deploy answers 202 at once; the web app then polls mcp_status until the worker has recorded
+// the outcome (or, with Realtime, waits for the row to change).
+async function untilSettled(invokeStatus, id) {
+  for (let i = 0; i < 150; i += 1) {
+    const seen = await observe(invokeStatus(id));
+    const status = seen.data && seen.data.server && seen.data.server.status;
+    if (status && status !== 'deploying' && status !== 'pending_deploy') return seen;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  return observe(invokeStatus(id));
+}
+
 async function withFunctionsClient() {
   const functions = new FunctionsClient(FUNCTIONS_URL, { headers: { Authorization: `Bearer ${JWT}` } });
   const out = {};
@@ -52,7 +64,7 @@ async function withFunctionsClient() {
     }),
   );
   const id = out.deploy.data && out.deploy.data.id;
-  out.statusOne = await observe(functions.invoke('mcp_status', { body: { id } }));
+  out.statusOne = await untilSettled((sid) => functions.invoke('mcp_status', { body: { id: sid } }), id);
   out.statusGet = await observe(functions.invoke(`mcp_status?id=${id}`, { method: 'GET' }));
   out.stop = await observe(functions.invoke('manage_mcp_server', { body: { instance_id: id, action: 'stop' } }));
   out.start = await observe(functions.invoke('manage_mcp_server', { body: { instance_id: id, action: 'start' } }));
@@ -89,6 +101,7 @@ async function withSupabaseJs() {
     }),
   );
   const id = out.deploy.data && out.deploy.data.id;
+  out.settled = await untilSettled((sid) => supabase.functions.invoke('mcp_status', { headers: auth, body: { id: sid } }), id);
   out.list = await observe(supabase.functions.invoke('mcp_status', { headers: auth }));
   out.restart = await observe(
     supabase.functions.invoke('manage_mcp_server', { headers: auth, body: { instanceId: id, action: 'restart' } }),

@@ -1,8 +1,10 @@
 """`./deploy.sh local` (= `python -m devstack.stack`): the whole system on this machine.
 
-One process runs: PostgreSQL (embedded, or DATABASE_URL), the five functions on one port under
+One process runs: PostgreSQL (embedded, or DATABASE_URL), the functions on one port under
 `/functions/v1/<name>` and `/<name>`, a DTMA stand-in that heartbeats to them as a seeded demo
-toolbox, and a sweep every N seconds in place of Cloud Scheduler. It writes `.local/stack.env`
+toolbox, a sweep every N seconds in place of Cloud Scheduler, and a Cloud Tasks emulator
+(devstack.cloud_tasks) that queues the agent commands and delivers them to dtma_command_worker
+as Cloud Tasks does in production. It writes `.local/stack.env`
 for scripts and the web app, prints what a person needs to try it, and on Ctrl-C or SIGTERM
 stops everything it started, the database included, so nothing keeps running.
 
@@ -40,13 +42,20 @@ from shared.config import ConfigError
 log = logging.getLogger("devstack.stack")
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Receives every agent command from the task queue (IAM-private in production).
+COMMAND_WORKER = "dtma_command_worker"
 FUNCTIONS = (
     "deploy_mcp_server",
     "manage_mcp_server",
     "mcp_status",
     "mcp_status_sweep",
     "dtma_heartbeat_ingest",
+    # Served once its source exists, so a checkout without it still starts.
+    *((COMMAND_WORKER,) if (ROOT / "functions" / COMMAND_WORKER / "main.py").is_file() else ()),
 )
+#: The queue the functions put agent commands on, and who Cloud Tasks' OIDC token names.
+COMMAND_QUEUE = "projects/local/locations/local/queues/dtma-commands"
+COMMAND_INVOKER_SA = "dtma-commands@local.test"
 HOST = "127.0.0.1"
 DEFAULT_PORT = 54321  # Supabase CLI's API port: a web app pointed at local Supabase finds the functions here
 READY = "MCP local stack ready at"
@@ -88,6 +97,8 @@ class Options:
     #: HEARTBEAT_INTERVAL_SECONDS / HEARTBEAT_GRACE_SECONDS of the functions.
     functions_heartbeat_interval: int = FUNCTIONS_HEARTBEAT_INTERVAL
     functions_heartbeat_grace: int = FUNCTIONS_HEARTBEAT_GRACE
+    #: Port of the Cloud Tasks emulator (0: a free one).
+    tasks_port: int = 0
 
     @property
     def stale_after(self) -> int:
@@ -195,6 +206,21 @@ def _set_function_env(values: dict[str, str], timing: dict[str, str]) -> list[st
     os.environ.update(values)
     os.environ.update(timing)
     return ignored
+
+
+def command_queue_env(tasks_url: str, base_url: str) -> dict[str, str]:
+    """How the functions queue agent commands locally: the Cloud Tasks emulator, delivering to this stack.
+
+    The same settings as in production, where CLOUD_TASKS_API_URL is Google's API and the worker's
+    URL its Cloud Run URL (the stack serves it under /functions/v1 like every other function).
+    """
+    return {
+        "TASKS_MODE": "cloud_tasks",
+        "CLOUD_TASKS_API_URL": tasks_url,
+        "COMMAND_QUEUE": COMMAND_QUEUE,
+        "COMMAND_WORKER_URL": f"{base_url}{PREFIX}/{COMMAND_WORKER}",
+        "COMMAND_INVOKER_SA": COMMAND_INVOKER_SA,
+    }
 
 
 def database_url_to_use(environ_url: str | None, state_dir: Path) -> tuple[str | None, str | None]:
@@ -329,8 +355,15 @@ class Stack:
 
         secrets = seed.load_or_create_secrets(opts.state_dir)
         seeded = self._step("seeding the demo user and toolbox", lambda: seed.seed(db.uri, secrets.dtma_key_secret))
+        # Before the functions load: they read CLOUD_TASKS_API_URL at start.
+        tasks = self._step("Cloud Tasks emulator", self._start_cloud_tasks)
+        if COMMAND_WORKER not in FUNCTIONS:
+            self.say(
+                f"    functions/{COMMAND_WORKER}/main.py does not exist: queued agent commands will not be delivered"
+            )
         ignored = _set_function_env(
             {
+                **command_queue_env(tasks.url, self.base_url),
                 "DATABASE_URL": db.uri,
                 "DB_TRANSPORT": "postgres",
                 "SUPABASE_JWT_SECRET": secrets.jwt_secret,
@@ -359,6 +392,9 @@ class Stack:
         server.start()
         # Stops before the database pools close, so no request runs against a closed pool.
         self._cleanup.callback(self._stopped, "HTTP server", server.stop)
+        # Dispatching stops before the HTTP server does (no delivery hits a closed port); the
+        # emulator itself stops later, so a function still answering can queue a command.
+        self._cleanup.callback(tasks.pause, True)
 
         from devstack.dtma_standin import StandInAgent
 
@@ -401,6 +437,7 @@ class Stack:
             "DEMO_TOOLBOX_ID": seeded.toolbox_id,
             "DEMO_TOOLBOX_TOKEN": seeded.toolbox_token,
             "DTMA_STANDIN_URL": agent.url,
+            "CLOUD_TASKS_URL": tasks.url,
             "DTMA_KEY": seeded.toolbox_token,
             "DATABASE_URL": db.uri,
             # Tells the next start that this DATABASE_URL is the stack's own (database_url_to_use).
@@ -415,6 +452,20 @@ class Stack:
         )
         self.db = db
         self.print_banner()
+
+    def _start_cloud_tasks(self) -> Any:
+        from devstack.cloud_tasks import CloudTasksEmulator
+
+        try:
+            emulator = CloudTasksEmulator(HOST, self.options.tasks_port)
+        except OSError as exc:
+            raise StartupError(
+                f"the Cloud Tasks emulator cannot listen on {HOST}:{self.options.tasks_port}: "
+                f"{exc.strerror or exc}; pass --tasks-port N (0 picks a free port)"
+            ) from None
+        emulator.start()
+        self._cleanup.callback(self._stopped, "Cloud Tasks emulator", emulator.stop)
+        return emulator
 
     def _first_heartbeat(self, agent: Any, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -452,6 +503,9 @@ class Stack:
             f"(HEARTBEAT_INTERVAL_SECONDS; grace {o.functions_heartbeat_grace} s):",
             f"                  a toolbox silent for {o.stale_after} s reads unknown; the sweep marks it unresponsive",
             f"  sweep           {sweep}",
+            f"  Cloud Tasks     {env.get('CLOUD_TASKS_URL', '(not started)')}  (emulator; agent commands queue on",
+            f"                  {COMMAND_QUEUE.rsplit('/', 1)[-1]} -> {COMMAND_WORKER}; "
+            "tasks: GET /_emulator/tasks)",
             f"  demo user       {env['DEMO_USER_EMAIL']}  {env['DEMO_USER_ID']}",
             f"  stack.env       {rel}  (all of the above: set -a; . {rel}; set +a)",
             f"  logs            stderr, and {_relative(Path(env['LOG_FILE']))}",
@@ -482,7 +536,7 @@ class Stack:
         self.say("\n".join(text))
 
     def wait(self) -> None:
-        self.say("Serving. Press Ctrl-C to stop (stops the functions, the stand-in and PostgreSQL).")
+        self.say("Serving. Press Ctrl-C to stop (stops the functions, the stand-in, Cloud Tasks and PostgreSQL).")
         self.stop_signal.event.wait()
 
     def _stopped(self, what: str, action: Callable[[], Any]) -> None:
@@ -531,6 +585,9 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         help=f"port of the functions (default {DEFAULT_PORT}; 0 picks a free one)",
     )
     parser.add_argument("--dtma-port", type=int, default=0, help="port of the DTMA stand-in (default: a free one)")
+    parser.add_argument(
+        "--tasks-port", type=int, default=0, help="port of the Cloud Tasks emulator (default: a free one)"
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -599,7 +656,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         help="seconds the stand-in takes to pull an image (default 0.5; --demo: 2)",
     )
     args = parser.parse_args(argv)
-    for name in ("port", "dtma_port"):
+    for name in ("port", "dtma_port", "tasks_port"):
         if not 0 <= getattr(args, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')} must be 0..65535")
 
@@ -657,6 +714,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     return Options(
         port=args.port,
         dtma_port=args.dtma_port,
+        tasks_port=args.tasks_port,
         data_dir=data_dir.resolve(),
         state_dir=args.state_dir.resolve(),
         reset=args.reset,

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,8 @@ from devstack.stack import Stack, StopSignal, database_url_to_use, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.loads((ROOT / "docs" / "openapi.json").read_text())
-FUNCTIONS = ("deploy_mcp_server", "manage_mcp_server", "mcp_status", "mcp_status_sweep", "dtma_heartbeat_ingest")
+FUNCTIONS = ("deploy_mcp_server", "manage_mcp_server", "mcp_status", "mcp_status_sweep", "dtma_heartbeat_ingest",
+             "dtma_command_worker")
 ENV_KEYS = ("FUNCTIONS_URL", "SUPABASE_JWT_SECRET", "DEMO_USER_ID", "DEMO_USER_JWT", "DEMO_TOOLBOX_ID",
             "DEMO_TOOLBOX_TOKEN", "DTMA_STANDIN_URL", "DTMA_KEY", "DATABASE_URL")
 BROWSER_HEADERS = "apikey,authorization,content-type,x-client-info"
@@ -115,12 +117,18 @@ def test_post_without_trailing_slash_is_served_not_redirected(stack: StackProces
     body = {"toolbox_id": stack.env["DEMO_TOOLBOX_ID"], "name": f"slash-{uuid.uuid4().hex[:8]}",
             "image": "mcp/everything:latest"}
     response = http.post("/functions/v1/deploy_mcp_server", json=body, headers=user(stack))
-    assert response.status_code == 201, response.text  # not 308
+    assert response.status_code == 202, response.text  # not 308
     server = checked(response, "/deploy_mcp_server")
-    assert server["status"] == "running" and server["effective_status"] == "running"
-    assert server["endpoint"].startswith("http://127.0.0.1:")
-    response = http.get(f"/functions/v1/mcp_status/{server['id']}", headers=user(stack))
-    assert checked(response, "/mcp_status/{id}")["server"]["id"] == server["id"]
+    assert server["status"] == "deploying" and server["endpoint"].startswith("http://127.0.0.1:")
+    # The emulator delivers the command to dtma_command_worker, which records the agent's answer.
+    deadline = time.monotonic() + 15
+    while True:
+        response = http.get(f"/functions/v1/mcp_status/{server['id']}", headers=user(stack))
+        seen = checked(response, "/mcp_status/{id}")["server"]
+        if seen["status"] == "running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert seen["status"] == seen["effective_status"] == "running", seen
     response = http.post(f"/functions/v1/manage_mcp_server/{server['id']}/stop", headers=user(stack))
     assert checked(response, "/manage_mcp_server/{id}/{action}")["status"] == "stopped"
     response = http.delete(f"/functions/v1/manage_mcp_server/{server['id']}", headers=user(stack))

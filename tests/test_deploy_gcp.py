@@ -1,7 +1,8 @@
 """`deploy.sh gcp` and `ops/gcp_package.py`, against the stand-in gcloud in tests/bin.
 
 The stand-in records each call's argv in $GCLOUD_LOG and answers like gcloud (URLs for
-`functions describe`, NOT_FOUND for a scheduler job or service account it has not created yet).
+`functions describe`, NOT_FOUND for a scheduler job, task queue or service account it has not
+created yet).
 The real gcloud is never run. Every test works on a copy of the project tree (shared/, pyproject.toml
 and placeholder functions/<entry_point>/main.py files) named by MCP_ROOT, so nothing is written into
 the checkout.
@@ -10,6 +11,7 @@ the checkout.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ops.gcp_package import NEVER_SHIP, dict_flag
-from shared.config import Settings
+from shared.config import ALL_FUNCTIONS, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_SH = REPO / "deploy.sh"
@@ -31,8 +33,21 @@ STANDIN_BIN = REPO / "tests" / "bin"
 PROJECT = "demo-proj"
 RUNTIME_SA = f"mcp-functions@{PROJECT}.iam.gserviceaccount.com"
 SCHEDULER_SA = f"mcp-sweep-invoker@{PROJECT}.iam.gserviceaccount.com"
-FUNCTIONS = ("deploy_mcp_server", "manage_mcp_server", "mcp_status", "mcp_status_sweep",
-             "dtma_heartbeat_ingest")
+TASKS_SA = f"mcp-tasks-invoker@{PROJECT}.iam.gserviceaccount.com"
+WORKER = "dtma_command_worker"
+QUEUE = "mcp-dtma-commands"
+FUNCTIONS = ALL_FUNCTIONS  # shared/config.py's list; the worker is deployed first (the others get its URL)
+DEPLOY_ORDER = (WORKER, *(e for e in FUNCTIONS if e != WORKER))
+PRIVATE = {"mcp_status_sweep", WORKER}
+# What deploy.sh tells the functions that enqueue commands (placeholder: the worker's URL).
+TASKS_ENV = {
+    "COMMAND_QUEUE": f"projects/{PROJECT}/locations/us-central1/queues/{QUEUE}",
+    "COMMAND_WORKER_URL": "${DTMA_COMMAND_WORKER_URL}",
+    "COMMAND_INVOKER_SA": TASKS_SA,
+    "TASKS_MODE": "cloud_tasks",
+}
+QUEUE_SETTINGS = ["--max-attempts=20", "--min-backoff=1s", "--max-backoff=60s", "--max-doublings=5",
+                  "--max-dispatches-per-second=20", "--max-concurrent-dispatches=50"]
 DEFAULT_SECRETS = {
     "DATABASE_URL": "mcp-database-url:latest",
     "SUPABASE_SERVICE_ROLE_KEY": "mcp-supabase-service-role-key:latest",
@@ -48,7 +63,7 @@ PLAIN = {
     "DTMA_KEY_MODE": "derived",
 }
 SCRUBBED_ENV = ("GCP_PROJECT", "GOOGLE_CLOUD_PROJECT", "GCP_REGION", "MCP_ROOT", "PYTHON", "GCLOUD_FAIL",
-                "GCLOUD_MISSING_SECRETS", "GCLOUD_STATE")
+                "GCLOUD_MISSING_SECRETS", "GCLOUD_MISSING_FUNCTIONS", "GCLOUD_STATE")
 
 
 def url(name: str) -> str:
@@ -138,6 +153,36 @@ def deploys(commands: list[list[str]]) -> dict[str, list[str]]:
     return {c[3]: c for c in commands if c[:3] == ["gcloud", "functions", "deploy"]}
 
 
+def enqueuers() -> list[str]:
+    """The functions that create command tasks: those that read COMMAND_QUEUE."""
+    return [e for e in FUNCTIONS if e in readers("COMMAND_QUEUE")]
+
+
+def position(commands: list[list[str]], prefix: list[str]) -> int:
+    """Index of the first command starting with `prefix`."""
+    return next(i for i, c in enumerate(commands) if c[:len(prefix)] == prefix)
+
+
+def tasks_commands(region: str = "us-central1", queue: str = QUEUE, tasks_sa: str = TASKS_SA,
+                   runtime_sa: str = RUNTIME_SA, exists: bool = False) -> list[list[str]]:
+    """The queue's commands, in order: describe, create (or update), then the runtime account's two grants."""
+    g = [f"--project={PROJECT}", "--quiet"]
+    return [
+        ["gcloud", "tasks", "queues", "describe", queue, f"--location={region}", *g],
+        ["gcloud", "tasks", "queues", "update" if exists else "create", queue, f"--location={region}",
+         *QUEUE_SETTINGS, *g],
+        ["gcloud", "tasks", "queues", "add-iam-policy-binding", queue, f"--location={region}",
+         f"--member=serviceAccount:{runtime_sa}", "--role=roles/cloudtasks.enqueuer", *g],
+        ["gcloud", "iam", "service-accounts", "add-iam-policy-binding", tasks_sa,
+         f"--member=serviceAccount:{runtime_sa}", "--role=roles/iam.serviceAccountUser", "--condition=None", *g],
+    ]
+
+
+def worker_invoker(region: str = "us-central1", tasks_sa: str = TASKS_SA) -> list[str]:
+    return ["gcloud", "functions", "add-invoker-policy-binding", "dtma-command-worker", f"--region={region}",
+            f"--member=serviceAccount:{tasks_sa}", f"--project={PROJECT}", "--quiet"]
+
+
 # --- dry run ---------------------------------------------------------------------------------------
 
 def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Path, log: Path) -> None:
@@ -147,30 +192,36 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
     assert not (tree / "build").exists(), "a dry run must not package either"
     commands = planned(result.stdout)
 
-    # One function spelled out in full.
+    # One function spelled out in full. The tasks account's `@` moves the list delimiter to `|`.
     by_name = deploys(commands)
-    assert list(by_name) == [kebab(e) for e in FUNCTIONS]
-    env = dict(PLAIN, GOOGLE_CLOUD_PROJECT=PROJECT)
+    assert list(by_name) == [kebab(e) for e in DEPLOY_ORDER]
+    env = dict(PLAIN, GOOGLE_CLOUD_PROJECT=PROJECT, **TASKS_ENV)
     assert by_name["deploy-mcp-server"] == [
         "gcloud", "functions", "deploy", "deploy-mcp-server", "--gen2", "--region=us-central1",
         f"--project={PROJECT}", "--runtime=python312", "--source=build/gcp/deploy_mcp_server",
         "--entry-point=deploy_mcp_server", "--trigger-http", f"--service-account={RUNTIME_SA}",
         "--allow-unauthenticated",
-        "--set-env-vars=^@^CORS_ALLOWED_ORIGINS=https://app.example.com,https://staging.example.com"
-        "@DTMA_KEY_MODE=derived@GOOGLE_CLOUD_PROJECT=demo-proj@HOST_PORT_RANGE=50000-50999@LOG_LEVEL=INFO"
-        "@SUPABASE_URL=https://ref.supabase.co",  # not HEARTBEAT_GRACE_SECONDS: deploy does not read it
+        f"--set-env-vars=^|^COMMAND_INVOKER_SA={TASKS_SA}"
+        f"|COMMAND_QUEUE=projects/{PROJECT}/locations/us-central1/queues/{QUEUE}"
+        "|COMMAND_WORKER_URL=${DTMA_COMMAND_WORKER_URL}"
+        "|CORS_ALLOWED_ORIGINS=https://app.example.com,https://staging.example.com"
+        "|DTMA_KEY_MODE=derived|GOOGLE_CLOUD_PROJECT=demo-proj|HOST_PORT_RANGE=50000-50999|LOG_LEVEL=INFO"
+        "|SUPABASE_URL=https://ref.supabase.co|TASKS_MODE=cloud_tasks",  # not HEARTBEAT_GRACE_SECONDS
         "--set-secrets=" + ",".join(f"{k}={DEFAULT_SECRETS[k]}" for k in sorted(DEFAULT_SECRETS)),
         "--min-instances=0", "--max-instances=20", "--concurrency=40", "--cpu=1", "--memory=256Mi",
         "--timeout=60s", "--quiet"]
+    # The placeholder is double-quoted in the printed line, so that pasting the plan expands it.
+    assert '--set-env-vars="^|^COMMAND_INVOKER_SA=' in result.stdout
 
     # Every function: only the settings and secrets it reads (used_by in shared/config.py).
     for entry in FUNCTIONS:
         argv = by_name[kebab(entry)]
         assert f"--entry-point={entry}" in argv and f"--source=build/gcp/{entry}" in argv
         assert {"--gen2", "--runtime=python312", "--memory=256Mi", "--trigger-http"} <= set(argv)
-        public = entry != "mcp_status_sweep"
+        public = entry not in PRIVATE
         assert ("--allow-unauthenticated" in argv) is public
         assert ("--no-allow-unauthenticated" in argv) is not public
+        assert flag(argv, "--timeout") == ("1800s" if entry == WORKER else "60s")
         expected_env = {k: v for k, v in env.items() if entry in readers(k)}
         assert parse_dict_flag(flag(argv, "--set-env-vars")) == expected_env
         expected_secrets = {k: v for k, v in DEFAULT_SECRETS.items() if entry in readers(k)}
@@ -181,14 +232,49 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
     assert "HOST_PORT_RANGE" not in flag(by_name["mcp-status"], "--set-env-vars")
     assert "CORS_ALLOWED_ORIGINS" not in flag(by_name["dtma-heartbeat-ingest"], "--set-env-vars")
 
-    # IAM: the runtime SA reads each secret; the scheduler SA invokes the sweep and nothing else.
+    # The functions that enqueue commands get the queue, the worker's URL, the tasks account, the mode;
+    # the worker gets none of that, nor the user-facing settings (CORS, JWT secret, port range).
+    assert set(enqueuers()) == {"deploy_mcp_server", "manage_mcp_server", "mcp_status_sweep"}
+    for entry in enqueuers():
+        got = parse_dict_flag(flag(by_name[kebab(entry)], "--set-env-vars"))
+        assert {k: got.get(k) for k in TASKS_ENV} == TASKS_ENV, entry
+    for entry in set(FUNCTIONS) - set(enqueuers()):
+        assert not set(TASKS_ENV) & set(parse_dict_flag(flag(by_name[kebab(entry)], "--set-env-vars"))), entry
+    worker = by_name["dtma-command-worker"]
+    assert parse_dict_flag(flag(worker, "--set-env-vars")) == {
+        "DTMA_KEY_MODE": "derived", "GOOGLE_CLOUD_PROJECT": PROJECT, "LOG_LEVEL": "INFO",
+        "SUPABASE_URL": "https://ref.supabase.co"}
+    assert parse_dict_flag(flag(worker, "--set-secrets")) == {
+        k: DEFAULT_SECRETS[k] for k in ("DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DTMA_KEY_SECRET")}
+    assert "--service-account=" + RUNTIME_SA in worker
+
+    # The queue: its account, the queue with its retry and rate settings, the three grants.
+    assert ["gcloud", "iam", "service-accounts", "create", "mcp-tasks-invoker",
+            "--display-name=MCP agent commands invoker (Cloud Tasks OIDC)", f"--project={PROJECT}",
+            "--quiet"] in commands
+    queue_commands = [c for c in commands if c[:3] == ["gcloud", "tasks", "queues"]
+                      or c[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]]
+    assert queue_commands == tasks_commands()
+    assert "gcloud tasks queues update mcp-dtma-commands ..." in result.stdout  # the note for a rerun
+    # ...all before the first function that enqueues is deployed, which comes after the worker, its
+    # URL and its invoker grant.
+    first_enqueuer = min(position(commands, ["gcloud", "functions", "deploy", kebab(e)]) for e in enqueuers())
+    worker_url = position(commands, ["gcloud", "functions", "describe", "dtma-command-worker"])
+    assert position(commands, ["gcloud", "tasks", "queues", "create"]) < first_enqueuer
+    assert (position(commands, ["gcloud", "functions", "deploy", "dtma-command-worker"]) < worker_url
+            < commands.index(worker_invoker()) < first_enqueuer)
+    assert "+ DTMA_COMMAND_WORKER_URL=$(gcloud functions describe dtma-command-worker" in result.stdout
+
+    # IAM: the runtime SA reads each secret; the scheduler SA invokes the sweep and nothing else, the
+    # tasks SA the worker and nothing else.
     bindings = [c for c in commands if c[:3] == ["gcloud", "secrets", "add-iam-policy-binding"]]
     assert sorted(c[3] for c in bindings) == sorted(v.split(":")[0] for v in DEFAULT_SECRETS.values())
     for c in bindings:
         assert f"--member=serviceAccount:{RUNTIME_SA}" in c
         assert "--role=roles/secretmanager.secretAccessor" in c
     invokers = [c for c in commands if c[:3] == ["gcloud", "functions", "add-invoker-policy-binding"]]
-    assert invokers == [["gcloud", "functions", "add-invoker-policy-binding", "mcp-status-sweep",
+    assert invokers == [worker_invoker(),
+                        ["gcloud", "functions", "add-invoker-policy-binding", "mcp-status-sweep",
                          "--region=us-central1", f"--member=serviceAccount:{SCHEDULER_SA}",
                          f"--project={PROJECT}", "--quiet"]]
     assert ["gcloud", "functions", "describe", "mcp-status-sweep", "--gen2", "--region=us-central1",
@@ -204,6 +290,9 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
         "--headers=Content-Type=application/json"]
     assert "+ MCP_STATUS_SWEEP_URL=$(gcloud functions describe mcp-status-sweep" in result.stdout
     assert "# AGENTOPIA_API_BASE_URL=${DTMA_HEARTBEAT_INGEST_URL}" in result.stdout
+    assert (f"# Cloud Tasks queue projects/{PROJECT}/locations/us-central1/queues/{QUEUE} delivers agent "
+            f"commands to dtma-command-worker ${{DTMA_COMMAND_WORKER_URL}} (timeout 1800s), with an OIDC token "
+            f"of {TASKS_SA}." in result.stdout)
 
 
 def test_dry_run_prints_exactly_what_a_first_run_runs(tree: Path, env_file: Path, log: Path,
@@ -227,8 +316,19 @@ def test_only_one_function(tree: Path, env_file: Path, log: Path) -> None:
     commands = planned(result.stdout)
     assert list(deploys(commands)) == ["deploy-mcp-server"]
     assert [a for c in commands if "--out" in c for a in c[-2:]] == ["--function", "deploy_mcp_server"]
-    assert not [c for c in commands if c[1] == "scheduler" or c[2:3] == ["add-invoker-policy-binding"]]
+    assert not [c for c in commands if c[1] == "scheduler" or "mcp-status-sweep" in c]
     assert "dtma.conf" not in result.stdout
+    # It still enqueues: the queue is (re)configured, and the worker deployed before gives its URL.
+    assert [c for c in commands if c[:3] == ["gcloud", "tasks", "queues"]
+            or c[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]] == tasks_commands()
+    describe_worker = ["gcloud", "functions", "describe", "dtma-command-worker", "--gen2", "--region=us-central1",
+                       f"--project={PROJECT}", "--format=value(serviceConfig.uri)"]
+    assert commands[-4:-2] == [describe_worker, worker_invoker()]  # then its own deploy, and its URL
+    assert commands[-2][:4] == ["gcloud", "functions", "deploy", "deploy-mcp-server"]
+    env = parse_dict_flag(flag(commands[-2], "--set-env-vars"))
+    assert {k: env[k] for k in TASKS_ENV} == TASKS_ENV
+    assert ("queues/mcp-dtma-commands delivers agent commands to dtma-command-worker ${DTMA_COMMAND_WORKER_URL}, "
+            "with an OIDC token of") in result.stdout
 
     result = deploy(tree, log, *complete_args(env_file, "--only", "mcp_status_sweep", "--dry-run"))
     commands = planned(result.stdout)
@@ -236,7 +336,69 @@ def test_only_one_function(tree: Path, env_file: Path, log: Path) -> None:
     bound = [c[3] for c in commands if c[:3] == ["gcloud", "secrets", "add-iam-policy-binding"]]
     assert bound == ["mcp-database-url", "mcp-supabase-service-role-key"]
     assert any(c[:5] == ["gcloud", "scheduler", "jobs", "create", "http"] for c in commands)
+    assert any(c[:4] == ["gcloud", "tasks", "queues", "create"] for c in commands)  # the sweep re-enqueues
+
+    result = deploy(tree, log, *complete_args(env_file, "--only", "dtma-command-worker", "--dry-run"))
+    commands = planned(result.stdout)
+    assert list(deploys(commands)) == ["dtma-command-worker"]
+    assert [c for c in commands if c[:3] == ["gcloud", "tasks", "queues"]
+            or c[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]] == tasks_commands()
+    assert commands[-3][:4] == ["gcloud", "functions", "deploy", "dtma-command-worker"]
+    assert commands[-1] == worker_invoker()
+    assert "--no-allow-unauthenticated" in commands[-3] and "--timeout=1800s" in commands[-3]
+    assert not [c for c in commands if c[1] == "scheduler"]
+    assert "Cloud Tasks queue" in result.stdout
+
+    result = deploy(tree, log, *complete_args(env_file, "--only", "mcp_status", "--dry-run"))
+    commands = planned(result.stdout)
+    assert list(deploys(commands)) == ["mcp-status"]
+    assert not [c for c in commands if c[1] == "tasks" or "dtma-command-worker" in c or "mcp-tasks-invoker" in c]
+    assert "Cloud Tasks" not in result.stdout
     assert not log.exists()
+
+
+def test_only_an_enqueuer_before_the_worker_exists_stops(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file, "--only", "manage_mcp_server"),
+                    GCLOUD_MISSING_FUNCTIONS="dtma-command-worker")
+    assert result.returncode != 0
+    assert "could not read the URL of dtma-command-worker" in result.stderr
+    assert "--only dtma-command-worker" in result.stderr
+    assert not [c for c in logged(log) if c[1:3] == ["functions", "deploy"]]
+
+
+def test_queue_and_tasks_options(tree: Path, env_file: Path, log: Path) -> None:
+    tasks_sa = "cmd-invoker@other-proj.iam.gserviceaccount.com"
+    result = deploy(tree, log, *complete_args(
+        env_file, "--region", "europe-west1", "--queue", "agent-cmds", "--tasks-sa", tasks_sa,
+        "--worker-timeout=900", "--timeout", "30s", "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    commands = planned(result.stdout)
+    assert [c for c in commands if c[:3] == ["gcloud", "tasks", "queues"]
+            or c[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]] == tasks_commands(
+        region="europe-west1", queue="agent-cmds", tasks_sa=tasks_sa)
+    assert worker_invoker(region="europe-west1", tasks_sa=tasks_sa) in commands
+    by_name = deploys(commands)
+    assert flag(by_name["dtma-command-worker"], "--timeout") == "900s"
+    assert flag(by_name["manage-mcp-server"], "--timeout") == "30s"
+    env = parse_dict_flag(flag(by_name["manage-mcp-server"], "--set-env-vars"))
+    assert env["COMMAND_QUEUE"] == f"projects/{PROJECT}/locations/europe-west1/queues/agent-cmds"
+    assert env["COMMAND_INVOKER_SA"] == tasks_sa
+    # An account outside the project is expected to exist, not created.
+    created = [c[4] for c in commands if c[:4] == ["gcloud", "iam", "service-accounts", "create"]]
+    assert "cmd-invoker" not in created and "mcp-tasks-invoker" not in created
+    assert f"{tasks_sa} must exist already" in result.stdout
+
+
+def test_a_queue_that_exists_is_updated(tree: Path, env_file: Path, log: Path, tmp_path: Path) -> None:
+    state = tmp_path / "gcloud-state"  # the stand-in's memory, next to its log
+    state.mkdir()
+    (state / f"queue-{QUEUE}").touch()
+    result = deploy(tree, log, *complete_args(env_file))
+    assert result.returncode == 0, result.stderr
+    calls = logged(log)
+    assert [c for c in calls if c[1:3] == ["tasks", "queues"]
+            or c[1:4] == ["iam", "service-accounts", "add-iam-policy-binding"]] == tasks_commands(exists=True)
+    assert not [c for c in calls if c[1:4] == ["tasks", "queues", "create"]]
 
 
 def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
@@ -259,7 +421,10 @@ def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
     assert "--schedule=*/2 * * * *" in create and "--location=europe-west1" in create
     # A runtime account outside the project is never created, only expected to exist.
     created = [c[4] for c in commands if c[:4] == ["gcloud", "iam", "service-accounts", "create"]]
-    assert created == ["mcp-sweep-invoker"]
+    assert created == ["mcp-tasks-invoker", "mcp-sweep-invoker"]
+    assert [c for c in commands if c[:3] == ["gcloud", "tasks", "queues"]
+            or c[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]] == tasks_commands(
+        region="europe-west1", runtime_sa="rt@other-proj.iam.gserviceaccount.com")
 
 
 # --- refusing incomplete configuration ----------------------------------------------------------
@@ -284,6 +449,22 @@ def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
                  id="unknown-fn"),
     pytest.param(["--secret", "DTMA_KEY_SECRET=", "--memory", "lots"], PLAIN,
                  ["project: not set", "DTMA_KEY_SECRET", "--memory"], id="all-problems-at-once"),
+    pytest.param(["--project", PROJECT, "--tasks-sa", "not-an-email"], PLAIN,
+                 ["--tasks-sa: 'not-an-email' is not a service account email"], id="tasks-sa-not-an-email"),
+    pytest.param(["--project", PROJECT, "--tasks-sa", "a b@x.iam.gserviceaccount.com"], PLAIN,
+                 ["--tasks-sa: 'a b@x.iam.gserviceaccount.com' is not a service account email"],
+                 id="tasks-sa-with-space"),
+    pytest.param(["--project", PROJECT, "--queue", "my_queue"], PLAIN, ["--queue: 'my_queue' is not a queue name"],
+                 id="queue-name"),
+    pytest.param(["--project", PROJECT, "--queue", "q" * 101], PLAIN, ["--queue: 'qqq"], id="queue-too-long"),
+    pytest.param(["--project", PROJECT, "--worker-timeout", "3601"], PLAIN, ["--worker-timeout: '3601'"],
+                 id="worker-timeout-over-an-hour"),
+    pytest.param(["--project", PROJECT], dict(PLAIN, COMMAND_QUEUE="projects/x/locations/y/queues/z"),
+                 ["--env-file sets COMMAND_QUEUE, which deploy.sh sets itself"], id="queue-in-env-file"),
+    pytest.param(["--project", PROJECT, "--worker-timeout", "600"],
+                 dict(PLAIN, COMMAND_DISPATCH_DEADLINE_SECONDS="900"),
+                 ["COMMAND_DISPATCH_DEADLINE_SECONDS=900 exceeds the command worker's timeout (600s)"],
+                 id="dispatch-deadline-over-worker-timeout"),
 ])
 def test_incomplete_configuration_is_refused_before_anything_runs(
         tree: Path, log: Path, tmp_path: Path, args: list[str], env: dict[str, str],
@@ -311,7 +492,7 @@ def test_failed_deploy_stops_the_run(tree: Path, env_file: Path, log: Path) -> N
     result = deploy(tree, log, *complete_args(env_file), GCLOUD_FAIL="functions deploy mcp-status ")
     assert result.returncode != 0
     names = [c[3] for c in logged(log) if c[1:3] == ["functions", "deploy"]]
-    assert names == ["deploy-mcp-server", "manage-mcp-server", "mcp-status"]
+    assert names == ["dtma-command-worker", "deploy-mcp-server", "manage-mcp-server", "mcp-status"]
     assert not [c for c in logged(log) if c[1] == "scheduler"]
     assert "AGENTOPIA_API_BASE_URL" not in result.stdout
 
@@ -352,17 +533,22 @@ def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, 
                 "--headers=Content-Type=application/json"] if first else
                ["gcloud", "scheduler", "jobs", "update", "http", "mcp-status-sweep", *job_flags,
                 "--update-headers=Content-Type=application/json"])
+        def deployed_then_url(entry: str) -> list[list[str]]:
+            [deploy_call] = [c for c in deployed if c[3] == kebab(entry)]
+            describe = ["gcloud", "functions", "describe", kebab(entry), "--gen2", "--region=us-central1",
+                        f"--project={PROJECT}", "--format=value(serviceConfig.uri)"]
+            return [deploy_call, describe, *([worker_invoker()] if entry == WORKER else [])]
         return [
             ["gcloud", "services", "enable", "cloudfunctions.googleapis.com", "run.googleapis.com",
              "cloudbuild.googleapis.com", "artifactregistry.googleapis.com", "cloudscheduler.googleapis.com",
-             "secretmanager.googleapis.com", "iam.googleapis.com", *g],
+             "cloudtasks.googleapis.com", "secretmanager.googleapis.com", "iam.googleapis.com", *g],
             *[["gcloud", "secrets", "describe", s, "--format=value(name)", *g] for s in secrets],
             *account(RUNTIME_SA, "MCP control plane functions (runtime)"),
             *[["gcloud", "secrets", "add-iam-policy-binding", s, f"--member=serviceAccount:{RUNTIME_SA}",
                "--role=roles/secretmanager.secretAccessor", "--condition=None", *g] for s in secrets],
-            *[list(c) for c in deployed],
-            *[["gcloud", "functions", "describe", kebab(e), "--gen2", "--region=us-central1",
-               f"--project={PROJECT}", "--format=value(serviceConfig.uri)"] for e in FUNCTIONS],
+            *account(TASKS_SA, "MCP agent commands invoker (Cloud Tasks OIDC)"),
+            *tasks_commands(exists=not first),
+            *[c for e in DEPLOY_ORDER for c in deployed_then_url(e)],
             *account(SCHEDULER_SA, "MCP status sweep invoker (Cloud Scheduler OIDC)"),
             ["gcloud", "functions", "add-invoker-policy-binding", "mcp-status-sweep", "--region=us-central1",
              f"--member=serviceAccount:{SCHEDULER_SA}", *g],
@@ -374,13 +560,20 @@ def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, 
     assert first.returncode == 0, first.stderr
     calls = logged(log)
     deployed = [c for c in calls if c[1:3] == ["functions", "deploy"]]
-    assert [c[3] for c in deployed] == [kebab(e) for e in FUNCTIONS]
+    assert [c[3] for c in deployed] == [kebab(e) for e in DEPLOY_ORDER]
     assert calls == expected_sequence(first=True)
+    # The worker's real URL replaced the placeholder in every enqueuer's environment.
+    for entry in enqueuers():
+        [argv] = [c for c in deployed if c[3] == kebab(entry)]
+        assert parse_dict_flag(flag(argv, "--set-env-vars"))["COMMAND_WORKER_URL"] == url("dtma-command-worker")
     for entry in FUNCTIONS:
         assert (tree / "build" / "gcp" / entry / "requirements.txt").is_file()
     assert first.stdout.splitlines()[-1] == f"AGENTOPIA_API_BASE_URL={url('dtma-heartbeat-ingest')}"
     for entry in FUNCTIONS:
         assert url(kebab(entry)) in first.stdout
+    assert (f"Cloud Tasks queue projects/{PROJECT}/locations/us-central1/queues/{QUEUE} delivers agent commands "
+            f"to dtma-command-worker {url('dtma-command-worker')} (timeout 1800s), with an OIDC token of {TASKS_SA}."
+            in first.stdout)
     assert "+ gcloud functions deploy deploy-mcp-server" in first.stderr  # traced as it runs
 
     log.write_text("")
@@ -449,6 +642,41 @@ def test_package_refuses_a_missing_function_source(tree: Path) -> None:
     assert not (tree / "build" / "gcp").exists()
 
 
+def test_plan_routes_deploy_settings_by_used_by(tree: Path) -> None:
+    def plan(*args: str) -> dict:
+        result = package(tree, "--plan", "--project", PROJECT, "--secret", "DTMA_KEY_SECRET=k", *args)
+        return json.loads(result.stdout)
+
+    got = plan("--deploy-env", "TASKS_MODE=cloud_tasks", "--deploy-env", f"COMMAND_INVOKER_SA={TASKS_SA}",
+               "--deploy-env", "COMMAND_QUEUE=projects/p/locations/r/queues/q",
+               "--deploy-env-url", "COMMAND_WORKER_URL=dtma-command-worker", "--deploy-env", "NOT_A_SETTING=1")
+    assert [f["entry_point"] for f in got["functions"]] == list(DEPLOY_ORDER)  # the worker's URL is needed
+    for f in got["functions"]:
+        assert f["public"] is (f["entry_point"] not in PRIVATE)
+        assert f["provided"] == (sorted(TASKS_ENV) if f["entry_point"] in enqueuers() else [])
+        assert "NOT_A_SETTING" not in f["env"]
+    assert any("NOT_A_SETTING" in w and "no function gets it" in w for w in got["warnings"])
+    assert not got["problems"]
+    assert got["urls"] == [WORKER]
+
+    # Without the worker in the plan, the enqueuers still get its URL's placeholder (deploy.sh reads it).
+    got = plan("--function", "mcp_status_sweep", "--deploy-env", "TASKS_MODE=cloud_tasks",
+               "--deploy-env", f"COMMAND_INVOKER_SA={TASKS_SA}",
+               "--deploy-env", "COMMAND_QUEUE=projects/p/locations/r/queues/q",
+               "--deploy-env-url", "COMMAND_WORKER_URL=dtma_command_worker")
+    [sweep] = got["functions"]
+    assert sweep["env"]["COMMAND_WORKER_URL"] == "${DTMA_COMMAND_WORKER_URL}" and not got["problems"]
+
+    # The URL of a function that does not exist, a value the function would refuse: refused.
+    got = plan("--deploy-env-url", "COMMAND_WORKER_URL=nope")
+    assert any("COMMAND_WORKER_URL is the URL of nope" in p for p in got["problems"])
+    got = plan("--deploy-env", "COMMAND_QUEUE=not/a/queue")
+    assert any("COMMAND_QUEUE" in p for p in got["problems"])
+    # TASKS_MODE=cloud_tasks without the rest: the enqueuers' own start-up check refuses it.
+    got = plan("--deploy-env", "TASKS_MODE=cloud_tasks")
+    assert any("TASKS_MODE=cloud_tasks needs" in p for p in got["problems"])
+
+
 def test_env_vars_flag_escapes_commas() -> None:
     assert dict_flag({"B": "2", "A": "1"}) == "A=1,B=2"
     assert dict_flag({"A": "x,y", "B": "2"}) == "^@^A=x,y@B=2"
@@ -470,7 +698,8 @@ def test_usage_and_unknown_commands() -> None:
 
 @pytest.mark.parametrize("script", [DEPLOY_SH, STANDIN_BIN / "gcloud"], ids=["deploy.sh", "stand-in gcloud"])
 def test_shellcheck_clean(script: Path) -> None:
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (the dev extra installs it: pip install -e '.[dev]')")
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout

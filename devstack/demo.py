@@ -6,10 +6,11 @@ user's JWT, the DTMA stand-in through its loopback `/_standin/` control surface.
 answer of a function is also checked against docs/openapi.json. `run()` returns True only if
 every step showed the expected state.
 
-The deploy is made to answer 202 on purpose (the stand-in pulls for longer than the deploy
-budget), as on a real droplet pulling a real image: the walkthrough watches `deploying -> running`
-arrive the moment the agent answers, then a deploy whose pull fails on the toolbox turn `error`
-with the agent's reason, and a server whose process dies read `error` with its exit code.
+A deploy answers 202 at once and its command goes through the local Cloud Tasks emulator to
+`dtma_command_worker` while the stand-in pulls (2 s), as on a real droplet pulling a real image: the
+walkthrough watches `deploying -> running` arrive the moment the agent answers, then a deploy whose
+pull fails on the toolbox turn `error` with the agent's reason, and a server whose process dies
+read `error` with its exit code.
 """
 
 from __future__ import annotations

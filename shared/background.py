@@ -1,13 +1,8 @@
-"""Agent commands that outlive the request that started them.
+"""A bounded pool for agent commands run in this process (TASKS_MODE=inline).
 
-The agent's deploy is synchronous (it pulls the image inside the request, for minutes) and a
-stop waits for Docker's stop timeout. A user-facing function waits for a command only a short
-budget and then answers 202; the command goes on in this process's pool and records its outcome
-the moment the agent answers, so the answer is not lost.
-
-This is the in-process form of the command worker: it needs the process to live until the agent
-answers, which holds for the local stack and for a Cloud Run instance with CPU allocated outside
-requests. If the process dies first, the sweep's deadline still fails the command with a reason.
+In production the command worker runs each command in the request Cloud Tasks delivers
+(docs/commands.md). Inline mode (tests, single-process development) runs the same worker code
+here instead, after the user's request has answered; `drain` waits for what is still running.
 """
 
 from __future__ import annotations
@@ -17,12 +12,8 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TypeVar
 
 log = logging.getLogger("mcp.background")
-
-T = TypeVar("T")
 
 # Bounded: a burst of slow deploys queues here instead of opening unbounded threads; each worker
 # holds one agent call.
@@ -60,17 +51,3 @@ def submit(command: Callable[[], object]) -> None:
     with _pending_lock:
         _pending.add(future)
     future.add_done_callback(_log_late_failure)
-
-
-def run_within(budget: float, command: Callable[[], T]) -> tuple[bool, T | None]:
-    """Run `command` in the pool; (True, result) if it ended within `budget` seconds, else
-    (False, None) and it goes on. Exceptions within the budget propagate to the caller."""
-    context = contextvars.copy_context()  # request-scoped secrets reach the command's redaction
-    future = _pool.submit(context.run, command)
-    try:
-        return True, future.result(timeout=budget)
-    except FutureTimeout:
-        with _pending_lock:
-            _pending.add(future)
-        future.add_done_callback(_log_late_failure)
-        return False, None

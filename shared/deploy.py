@@ -29,14 +29,10 @@ log = logging.getLogger("mcp.deploy")
 
 
 def _check_ports(request: DeployRequest, rt: Runtime) -> None:
-    settings = rt.settings
-    if request.host_port is not None:
-        if request.host_port == settings.DTMA_PORT:
-            raise ApiError(400, "invalid_request", f"host_port: {request.host_port} is the toolbox agent's own port",
-                           {"field": "host_port"})
-        if request.host_port < 1024 and not settings.ALLOW_PRIVILEGED_PORTS:
-            raise ApiError(400, "invalid_request", "host_port: ports below 1024 are not allowed",
-                           {"field": "host_port"})
+    """Ports below 1024 are a setting's business; the agent's own port is refused where the
+    toolbox's port is known, in `cp_record_deploy`."""
+    if request.host_port is not None and request.host_port < 1024 and not rt.settings.ALLOW_PRIVILEGED_PORTS:
+        raise ApiError(400, "invalid_request", "host_port: ports below 1024 are not allowed", {"field": "host_port"})
 
 
 def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:

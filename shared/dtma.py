@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
+from shared.addresses import is_internal
 from shared.config import Settings
 from shared.toolbox_keys import derive_key
 
@@ -136,9 +137,7 @@ class DtmaClient:
             address = ipaddress.ip_address(raw.split("/")[0])
         except ValueError:
             raise AddressRefused("the toolbox has no usable public IP address yet") from None
-        internal = (address.is_loopback or address.is_private or address.is_link_local or address.is_multicast
-                    or address.is_unspecified or address.is_reserved)
-        if internal and not self.allow_private:
+        if is_internal(address) and not self.allow_private:
             raise AddressRefused(f"the toolbox address {address} is not a public address; refusing to send it "
                                  "the backend key (set ALLOW_PRIVATE_TOOLBOX_IPS=true for local development)")
         port = int(toolbox.get("dtma_port") or self.default_port)

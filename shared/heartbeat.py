@@ -94,7 +94,7 @@ def container_observation(item: ContainerSummary) -> dict[str, Any]:
 
     `created` lets the database bind only containers created after the instance was recorded;
     `exited`/`unexpected` let it read an exit as a stop only when one was asked for
-    (sql/migrations/0008_status_truth.sql, `cp_reconcile_toolbox`).
+    (sql/migrations/0005_heartbeat.sql, `cp_reconcile_toolbox`).
     """
     names = [n.lstrip("/") for n in item.names]
     target, message = lifecycle.observed_from_docker(item.state, item.status, names[0])

@@ -124,7 +124,7 @@ ACTIONS: dict[str, Action] = {
 
 # Stored values that are not ours (legacy rows of Agentopia's other tools) and the status of this
 # state machine each one means. The database applies the same table (`cp_canonical_status`,
-# sql/migrations/0008_status_truth.sql) the first time a report concerns such a row, so legacy
+# sql/migrations/0003_state_machine.sql) the first time a report concerns such a row, so legacy
 # rows are reconciled like any other; tests/test_state_machine.py feeds both the same cases.
 LEGACY_STATUSES: dict[str, Status] = {
     "active": S.RUNNING, "installing": S.DEPLOYING, "pending_install": S.PENDING_DEPLOY,
@@ -143,6 +143,23 @@ _EFFECTIVE: dict[str, Effective] = {
     S.PENDING_DEPLOY: Effective.PENDING, S.DEPLOYING: Effective.DEPLOYING, S.RUNNING: Effective.RUNNING,
     S.STOPPED: Effective.STOPPED, S.STARTING: Effective.STARTING, S.STOPPING: Effective.STOPPING,
     S.ERROR: Effective.ERROR, S.DELETING: Effective.REMOVING,
+}
+
+# Named groups of statuses. The SQL spells them out (a partial index predicate must, and the
+# planner matches the sweep's query against it); tests/test_status_groups.py holds every such list
+# in sql/migrations/ equal to one of these.
+TRANSITIONAL = frozenset({S.PENDING_DEPLOY, S.DEPLOYING, S.STARTING, S.STOPPING, S.DELETING})
+ACTIONS_IN_FLIGHT = frozenset({S.STARTING, S.STOPPING, S.DELETING})
+EXPECTED_ON_TOOLBOX = frozenset({S.RUNNING, S.STOPPED})  # a container must be listed for these
+ASKED_TO_STOP = frozenset({S.STOPPING, S.STOPPED})  # an exit reads as a stop only for these
+TOOLBOX_DEPROVISIONING = frozenset({"pending_deprovision", "deprovisioning", "deprovisioned", "error_deprovisioning"})
+TOOLBOX_REVIVED_BY_HEARTBEAT = frozenset({"provisioning", "awaiting_heartbeat", "unresponsive", "error_provisioning"})
+TOOLBOX_WATCHED_FOR_SILENCE = frozenset({"active", "awaiting_heartbeat"})
+STATUS_GROUPS: dict[str, frozenset[str]] = {
+    "TRANSITIONAL": TRANSITIONAL, "ACTIONS_IN_FLIGHT": ACTIONS_IN_FLIGHT, "EXPECTED_ON_TOOLBOX": EXPECTED_ON_TOOLBOX,
+    "ASKED_TO_STOP": ASKED_TO_STOP, "TOOLBOX_DEPROVISIONING": TOOLBOX_DEPROVISIONING,
+    "TOOLBOX_REVIVED_BY_HEARTBEAT": TOOLBOX_REVIVED_BY_HEARTBEAT,
+    "TOOLBOX_WATCHED_FOR_SILENCE": TOOLBOX_WATCHED_FOR_SILENCE,
 }
 
 # Toolbox statuses in which its agent's reports are current; any other (unresponsive,

@@ -104,6 +104,10 @@ create table public.account_tool_environments (
   -- Heartbeat ordering (boot_id changes when the agent restarts, seq increases per beat).
   dtma_boot_id text,
   dtma_last_seq bigint,
+  -- Last time the backend read the agent directly and it answered (mcp_status?refresh=true). Not a
+  -- liveness signal (heartbeats are): it tells "the agent answers but its heartbeats do not
+  -- arrive" apart from "the droplet is down".
+  dtma_last_reached_at timestamptz,
   status_changed_at timestamptz not null default now(),
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now()
@@ -134,6 +138,7 @@ create table public.account_tool_instances (
   base_config_override_json jsonb,
   port_mapping_json jsonb,
   version text,
+  -- The last heartbeat that reported this instance's container (database clock).
   last_heartbeat_from_dtma timestamptz,
   instance_error_message text,
   -- W15: the image actually deployed (the user's choice, or the catalog default).
@@ -149,6 +154,9 @@ create table public.account_tool_instances (
   runtime_details jsonb not null default '{}',
   -- Consecutive container-format heartbeats that did not list this container.
   missing_heartbeats integer not null default 0,
+  -- When the toolbox agent was first seen not to manage this container (it restarted and forgot
+  -- it: it answers 404 for it); null while it does. Users keep seeing it until the record goes.
+  agent_unmanaged_at timestamptz,
   status_changed_at timestamptz not null default now(),
   mcp_server_type text
     constraint account_tool_instances_mcp_server_type_check

@@ -19,15 +19,15 @@ create table public.instance_status_transitions (
 );
 
 insert into public.instance_status_transitions (from_status, to_status, source, why) values
-  -- deploy: recorded, then sent to the DTMA, then settled by its answer, a heartbeat or the sweep
+  -- deploy: recorded, then sent to the DTMA, then settled by its answer, a heartbeat or the sweep.
+  -- An exit nobody asked for is an error (a report of `exited` reads `stopped` only after a stop
+  -- was asked for: cp_reconcile_toolbox), so no report turns deploying or error into stopped.
   ('pending_deploy', 'deploying', 'api',       'deploy sent to the toolbox DTMA'),
   ('pending_deploy', 'error',     'api',       'deploy could not be sent'),
   ('pending_deploy', 'error',     'sweep',     'deploy never left pending_deploy before its deadline'),
   ('deploying',      'running',   'api',       'DTMA answered with a running container'),
   ('deploying',      'running',   'heartbeat', 'heartbeat shows the container running'),
   ('deploying',      'running',   'dtma',      'DTMA status shows the container running'),
-  ('deploying',      'stopped',   'heartbeat', 'container exited cleanly right after deploy'),
-  ('deploying',      'stopped',   'dtma',      'container exited cleanly right after deploy'),
   ('deploying',      'error',     'api',       'DTMA refused or failed the deploy'),
   ('deploying',      'error',     'heartbeat', 'heartbeat shows the container failed'),
   ('deploying',      'error',     'dtma',      'DTMA status shows the container failed'),
@@ -35,8 +35,8 @@ insert into public.instance_status_transitions (from_status, to_status, source, 
   -- running
   ('running',        'stopping',  'api',       'stop or restart requested'),
   ('running',        'deleting',  'api',       'remove requested'),
-  ('running',        'stopped',   'heartbeat', 'container exited with code 0'),
-  ('running',        'stopped',   'dtma',      'container exited with code 0'),
+  ('running',        'stopped',   'heartbeat', 'container paused on the toolbox'),
+  ('running',        'stopped',   'dtma',      'container paused on the toolbox'),
   ('running',        'error',     'heartbeat', 'container failed or disappeared'),
   ('running',        'error',     'dtma',      'container failed or disappeared'),
   -- stopping
@@ -46,6 +46,7 @@ insert into public.instance_status_transitions (from_status, to_status, source, 
   ('stopping',       'starting',  'api',       'restart: stopped, now starting'),
   ('stopping',       'error',     'api',       'DTMA failed to stop the container'),
   ('stopping',       'error',     'sweep',     'stop not confirmed before its deadline'),
+  ('stopping',       'running',   'api',       'the stop never reached the toolbox agent; nothing changed'),
   -- stopped
   ('stopped',        'starting',  'api',       'start requested'),
   ('stopped',        'deleting',  'api',       'remove requested'),
@@ -58,17 +59,20 @@ insert into public.instance_status_transitions (from_status, to_status, source, 
   ('starting',       'running',   'heartbeat', 'heartbeat shows the container running'),
   ('starting',       'running',   'dtma',      'DTMA status shows the container running'),
   ('starting',       'error',     'api',       'DTMA failed to start the container'),
+  ('starting',       'error',     'heartbeat', 'container exited after it was started'),
+  ('starting',       'error',     'dtma',      'container exited after it was started'),
   ('starting',       'error',     'sweep',     'start not confirmed before its deadline'),
+  ('starting',       'stopped',   'api',       'the start never reached the toolbox agent; nothing changed'),
   -- error: the user may retry or remove; reports may show the container recovered
   ('error',          'starting',  'api',       'start or restart requested after an error'),
   ('error',          'deleting',  'api',       'remove requested'),
   ('error',          'running',   'heartbeat', 'container is running again'),
   ('error',          'running',   'dtma',      'container is running again'),
-  ('error',          'stopped',   'heartbeat', 'container exists and exited cleanly'),
-  ('error',          'stopped',   'dtma',      'container exists and exited cleanly'),
   -- deleting ends with the row's removal (after the DTMA confirms), or in error
   ('deleting',       'error',     'api',       'DTMA failed to remove the container'),
-  ('deleting',       'error',     'sweep',     'removal not confirmed before its deadline');
+  ('deleting',       'error',     'sweep',     'removal not confirmed before its deadline'),
+  ('deleting',       'running',   'api',       'the removal never reached the toolbox agent; nothing changed'),
+  ('deleting',       'stopped',   'api',       'the removal never reached the toolbox agent; nothing changed');
 
 -- Raise a domain error with a JSON detail. Kept tiny so every function raises the same way.
 create or replace function public.cp_raise(p_code text, p_message text, p_detail jsonb default '{}')
@@ -105,6 +109,31 @@ as $$
      from_status, to_status, source, message)
   values (p_instance.id, p_instance.account_tool_environment_id, p_instance.instance_name_on_toolbox,
           p_from, p_to, p_source, p_message)
+$$;
+
+-- Legacy statuses (rows of Agentopia's other tools) and the status of this state machine each
+-- one means; reconciliation maps a legacy row the first time a report concerns it.
+-- shared/domain/lifecycle.py LEGACY_STATUSES is the same table (a test feeds both).
+create or replace function public.cp_canonical_status(p_status public.account_tool_installation_status_enum)
+returns public.account_tool_installation_status_enum
+language sql immutable
+set search_path = public, pg_temp
+as $$
+  select (case p_status::text
+    when 'active' then 'running'
+    when 'installing' then 'deploying'
+    when 'pending_install' then 'pending_deploy'
+    when 'pending_config' then 'pending_deploy'
+    when 'error_install' then 'error'
+    when 'error_uninstall' then 'error'
+    when 'error_runtime' then 'error'
+    when 'disabled' then 'stopped'
+    when 'uninstalled' then 'stopped'
+    when 'pending_delete' then 'deleting'
+    when 'uninstalling' then 'deleting'
+    when 'pending_uninstall' then 'deleting'
+    else p_status::text
+  end)::public.account_tool_installation_status_enum
 $$;
 
 -- Apply one transition to a locked row: check it against the table, write the row and the

@@ -32,7 +32,8 @@ grant select (
   id, user_id, name, description, do_droplet_id, do_droplet_name, public_ip_address, status,
   region_slug, size_slug, image_slug, last_heartbeat_at, dtma_last_known_version,
   dtma_health_details_json, provisioning_error_message, dtma_key_version, dtma_port,
-  dtma_report_details_json, dtma_boot_id, dtma_last_seq, status_changed_at, created_at, updated_at
+  dtma_report_details_json, dtma_boot_id, dtma_last_seq, dtma_last_reached_at, status_changed_at, created_at,
+  updated_at
 ) on public.account_tool_environments to authenticated;
 grant update (name, description) on public.account_tool_environments to authenticated;
 create policy "Owners can view their toolboxes" on public.account_tool_environments

@@ -15,8 +15,12 @@
 --   "instances":  [{"id": uuid, "target": text|null, "message": text, "runtime": {...}|null}]
 -- }
 --
--- Concurrency: the toolbox row is locked first (FOR UPDATE), so heartbeats of one toolbox
--- apply one after the other and heartbeats of different toolboxes never wait for each other.
+-- Concurrency: the toolbox row is locked first, so heartbeats of one toolbox apply one after the
+-- other and heartbeats of different toolboxes never wait for each other. Every toolbox lock in
+-- this schema is FOR NO KEY UPDATE: the inserts that reference a toolbox (events, commands) take
+-- FOR KEY SHARE on it, which that does not block, so a heartbeat holding its toolbox while it
+-- waits for an instance can never deadlock with an action holding that instance while it records
+-- an event.
 -- Time is the database's now(), never the agent's clock (reference anchors B4).
 --
 -- The matching itself (cp_reconcile_toolbox) is shared with mcp_status?refresh=true, which
@@ -38,8 +42,23 @@
 --     consecutive heartbeats (>= one interval apart) fails its instance;
 --   * dtma: absences never count. A user can fire reads seconds apart, and two clicks on
 --     "refresh" must not do what the two-heartbeat rule exists to prevent.
--- The caller must hold the toolbox row lock (FOR UPDATE), which serialises all reconciliation of
--- one toolbox. Returns {matched, transitions, rejected, unmanaged: [...]}.
+-- Each container observation may also carry:
+--   created      unix seconds the container was created: a container binds an instance by name
+--                only when it is the one this service created (the id the agent gave at deploy, or,
+--                before we know an id, one created after the instance was recorded, with five
+--                minutes of slack for the droplet's clock); the agent's own container, other
+--                software and leftovers are never adopted
+--   exited       Docker says `exited`: `message` is the sentence for a stop that was asked for
+--                (the instance is `stopping` or `stopped`), `unexpected` the one for an exit
+--                nobody asked for, which makes the instance an `error` (docs/real-agent.md)
+--   exit_code    when the report carries it (heartbeats do; /tools/status does not): an error
+--                report with a code replaces a vaguer error sentence
+--   agent_instance_id  direct reads only: the instance id the agent associates with the
+--                container, null when it does not manage it (`agent_unmanaged_at`)
+-- Legacy statuses (cp_canonical_status) of the instances a report concerns are mapped first.
+-- The caller must hold the toolbox row lock (FOR NO KEY UPDATE), which serialises all reconciliation of
+-- one toolbox. Returns {matched, transitions, rejected, unmanaged: [...]}; unmanaged containers
+-- carry their published ports, which deploys allocate around.
 -- ---------------------------------------------------------------------------------------------
 create or replace function public.cp_reconcile_toolbox(p_toolbox_id uuid, p_report jsonb, p_source text)
 returns jsonb
@@ -60,21 +79,30 @@ begin
   end if;
   v_source := p_source::public.instance_event_source_enum;
 
-  -- Observations: one per instance of THIS toolbox that the report mentions. Each container name
-  -- is one probe of uq_instance_name_per_toolbox (O(containers), not containers x instances); if
-  -- two containers claim one instance, the first in the report wins.
+  -- Observations: one per instance of THIS toolbox that the report mentions. A container binds an
+  -- instance by name only when it is the container this service created: the id the agent gave
+  -- at deploy, or (before we know an id) one created after the instance was recorded, with five
+  -- minutes of slack for the droplet's clock.
   select coalesce(jsonb_agg(o), '[]') into v_obs from (
     select * from (
-      select distinct on (i.id) i.id as instance_id, c.value->>'target' as target, c.value->>'message' as message,
-             c.value->>'container_id' as container_id, c.value->'runtime' as runtime
+      select distinct on (i.id) i.id as instance_id, c.ord, c.value->>'target' as target,
+             c.value->>'message' as message, c.value->>'container_id' as container_id,
+             c.value->'runtime' as runtime, coalesce((c.value->>'exited')::boolean, false) as exited,
+             c.value->>'unexpected' as unexpected, (c.value->>'exit_code') is not null as has_exit_code,
+             c.value ? 'agent_instance_id' as managed_known, c.value->>'agent_instance_id' as agent_instance_id
         from jsonb_array_elements(coalesce(p_report->'containers', '[]')) with ordinality c(value, ord)
         cross join lateral jsonb_array_elements_text(c.value->'names') n(name)
         join public.account_tool_instances i
           on i.account_tool_environment_id = p_toolbox_id and i.instance_name_on_toolbox = n.name
+       where case when i.container_id is not null and coalesce(c.value->>'container_id', '') <> ''
+                  then i.container_id = c.value->>'container_id'
+                  else c.value->>'created' is null
+                       or to_timestamp((c.value->>'created')::float8) >= i.created_at - interval '5 minutes'
+             end
        order by i.id, c.ord
     ) by_name
     union all
-    select i.id, x->>'target', x->>'message', null, x->'runtime'
+    select i.id, null, x->>'target', x->>'message', null, x->'runtime', false, null, false, false, null
       from jsonb_array_elements(coalesce(p_report->'instances', '[]')) x
       join public.account_tool_instances i
         on i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id
@@ -86,51 +114,110 @@ begin
    where not exists (select 1 from public.account_tool_instances i
                      where i.id = (x->>'id')::uuid and i.account_tool_environment_id = p_toolbox_id);
 
-  -- Containers that match no instance: the DTMA itself, other software on the droplet (one
-  -- index-only probe per name).
-  select coalesce(jsonb_agg(jsonb_build_object('names', c->'names', 'image', c->'runtime'->'image',
-                                               'state', c->'runtime'->'state')), '[]')
+  -- Containers bound to no instance: the agent itself, other software, leftovers of failed
+  -- deploys. Their names and published ports are kept so deploys can avoid them.
+  select coalesce(jsonb_agg(jsonb_build_object(
+           'names', c.value->'names', 'image', c.value->'runtime'->'image',
+           'state', c.value->'runtime'->'state', 'container_id', c.value->'container_id',
+           'ports', coalesce((select jsonb_agg(p->'public_port')
+                                from jsonb_array_elements(coalesce(c.value->'runtime'->'ports', '[]')) p
+                               where jsonb_typeof(p->'public_port') = 'number'), '[]'))), '[]')
     into v_unmanaged
-    from jsonb_array_elements(coalesce(p_report->'containers', '[]')) c
-   where not exists (select 1 from jsonb_array_elements_text(c->'names') n(name)
-                       join public.account_tool_instances i
-                         on i.account_tool_environment_id = p_toolbox_id and i.instance_name_on_toolbox = n.name);
+    from jsonb_array_elements(coalesce(p_report->'containers', '[]')) with ordinality c(value, ord)
+   where not exists (select 1 from jsonb_to_recordset(v_obs) as o(ord bigint) where o.ord = c.ord);
 
-  -- What the report says about each container, written only when it changed (the Docker status
-  -- text, "Up 5 minutes", changes every beat and is not worth a row write and a Realtime event).
+  -- Legacy statuses of the instances this report concerns become statuses of the state machine
+  -- (one event each), so the rules below apply to them like to any other instance.
+  for v_row in
+    select i.* from public.account_tool_instances i
+     where i.id in (select o.instance_id from jsonb_to_recordset(v_obs) as o(instance_id uuid))
+       and public.cp_canonical_status(i.status_on_toolbox) <> i.status_on_toolbox
+     order by i.id
+       for update
+  loop
+    update public.account_tool_instances
+       set status_on_toolbox = public.cp_canonical_status(v_row.status_on_toolbox), status_changed_at = now()
+     where id = v_row.id;
+    perform public.cp_append_event(v_row, v_row.status_on_toolbox, public.cp_canonical_status(v_row.status_on_toolbox),
+                                   v_source, format('legacy status %s is read as %s', v_row.status_on_toolbox,
+                                                    public.cp_canonical_status(v_row.status_on_toolbox)));
+  end loop;
+
+  -- What the report says about each container. A heartbeat stamps every instance it reports
+  -- (last_heartbeat_from_dtma means exactly that); other fields are written when they changed
+  -- (Docker's status text, "Up 5 minutes", changes every beat and is not worth a row write).
   update public.account_tool_instances i
      set runtime_details = coalesce(o.runtime, i.runtime_details),
          container_id = coalesce(o.container_id, i.container_id),
-         last_heartbeat_from_dtma = now(),
+         last_heartbeat_from_dtma = case when v_source = 'heartbeat' then now() else i.last_heartbeat_from_dtma end,
          missing_heartbeats = 0
     from jsonb_to_recordset(v_obs) as o(instance_id uuid, container_id text, runtime jsonb)
    where i.id = o.instance_id
-     and (i.missing_heartbeats <> 0
+     and (v_source = 'heartbeat'
+          or i.missing_heartbeats <> 0
           or i.container_id is distinct from coalesce(o.container_id, i.container_id)
           or (i.runtime_details - 'status') is distinct from (coalesce(o.runtime, i.runtime_details) - 'status'));
 
-  -- Status changes the state machine allows for a report; others (e.g. a container still
-  -- running while a stop is in flight) leave the status to the API call or the sweep.
+  -- Whether the agent still manages the container (direct reads only: heartbeats do not say).
   for v_obs_row in
-    select i as inst, o.target, o.message
-      from jsonb_to_recordset(v_obs) as o(instance_id uuid, target text, message text)
+    select i as inst, (o.agent_instance_id = i.id::text) as managed
+      from jsonb_to_recordset(v_obs) as o(instance_id uuid, managed_known boolean, agent_instance_id text)
       join public.account_tool_instances i on i.id = o.instance_id
-     where o.target is not null and i.status_on_toolbox::text <> o.target
-       and exists (select 1 from public.instance_status_transitions t
-                   where t.from_status = i.status_on_toolbox and t.to_status::text = o.target
-                     and t.source = v_source)
+     where o.managed_known
+       and (i.agent_unmanaged_at is null) = (o.agent_instance_id is distinct from i.id::text)
      order by i.id
        for update of i
   loop
-    perform public.cp_apply_instance_transition(
-      v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, v_source,
-      v_obs_row.message);
+    update public.account_tool_instances
+       set agent_unmanaged_at = case when v_obs_row.managed then null else now() end
+     where id = (v_obs_row.inst).id;
+    perform public.cp_append_event(v_obs_row.inst, (v_obs_row.inst).status_on_toolbox,
+      (v_obs_row.inst).status_on_toolbox, v_source,
+      case when v_obs_row.managed then format('the toolbox agent manages container %s again',
+                                              (v_obs_row.inst).instance_name_on_toolbox)
+           else format('the toolbox agent no longer manages container %s (it restarted and forgot it); it '
+                       'cannot stop, start or remove it', (v_obs_row.inst).instance_name_on_toolbox) end);
+  end loop;
+
+  -- Status changes. An exit nobody asked for is an error; a stop that was asked for is a stop.
+  for v_obs_row in
+    select i as inst, x.target, x.message
+      from (select o.instance_id,
+                   case when o.exited and i0.status_on_toolbox not in ('stopping', 'stopped') then 'error'
+                        else o.target end as target,
+                   case when o.exited and i0.status_on_toolbox not in ('stopping', 'stopped') then o.unexpected
+                        else o.message end as message,
+                   o.has_exit_code
+              from jsonb_to_recordset(v_obs) as o(instance_id uuid, target text, message text, exited boolean,
+                                                  unexpected text, has_exit_code boolean)
+              join public.account_tool_instances i0 on i0.id = o.instance_id) x
+      join public.account_tool_instances i on i.id = x.instance_id
+     where x.target is not null
+       and ((i.status_on_toolbox::text <> x.target
+             and exists (select 1 from public.instance_status_transitions t
+                         where t.from_status = i.status_on_toolbox and t.to_status::text = x.target
+                           and t.source = v_source))
+            -- An error report with an exit code names the cause better than what we had.
+            or (i.status_on_toolbox = 'error' and x.target = 'error' and x.has_exit_code
+                and i.instance_error_message is distinct from x.message))
+     order by i.id
+       for update of i
+  loop
+    if (v_obs_row.inst).status_on_toolbox::text = v_obs_row.target then
+      update public.account_tool_instances set instance_error_message = v_obs_row.message
+       where id = (v_obs_row.inst).id;
+      perform public.cp_append_event(v_obs_row.inst, 'error', 'error', v_source, v_obs_row.message);
+    else
+      perform public.cp_apply_instance_transition(
+        v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, v_source,
+        v_obs_row.message);
+    end if;
     v_transitions := v_transitions + 1;
   end loop;
 
-  -- Level-triggered reconciliation (heartbeats only, see above): a full container list that
-  -- omits a container we expect to exist counts one miss; two consecutive misses make it an
-  -- error (one miss can be a race with a deploy or a removal in flight).
+  -- Level-triggered reconciliation (heartbeats only): a full container list that omits a
+  -- container we expect to exist counts one miss; two consecutive misses make it an error (one
+  -- miss can be a race with a deploy or a removal in flight).
   if v_source = 'heartbeat' and coalesce((p_report->>'full_list')::boolean, false)
      and p_report->>'docker_error' is null then
     update public.account_tool_instances i
@@ -147,8 +234,8 @@ begin
     loop
       perform public.cp_apply_instance_transition(
         v_row, 'error', 'heartbeat',
-        format('container %s not found on toolbox (missing from 2 consecutive heartbeats)',
-               v_row.instance_name_on_toolbox));
+        format('container %s is no longer on the toolbox (missing from 2 consecutive heartbeats); remove '
+               'this server and deploy it again', v_row.instance_name_on_toolbox));
       v_transitions := v_transitions + 1;
     end loop;
   end if;
@@ -172,7 +259,7 @@ declare
 begin
   select * into v_box from public.account_tool_environments
    where dtma_token_sha256 = decode(p_token_sha256, 'hex')
-   for update;
+   for no key update;
   if not found then
     perform public.cp_raise('MC401', 'unknown toolbox token');
   end if;
@@ -181,11 +268,10 @@ begin
                             jsonb_build_object('toolbox_status', v_box.status));
   end if;
 
-  -- Ordering: a beat from the same agent run that is not newer than the last applied one is a
-  -- duplicate or arrived late; acknowledge it and change nothing.
   if p_report->>'boot_id' is not null and p_report->>'seq' is not null
      and v_box.dtma_boot_id = p_report->>'boot_id'
-     and v_box.dtma_last_seq >= (p_report->>'seq')::bigint then
+     and v_box.dtma_last_seq >= (p_report->>'seq')::bigint
+     and v_box.dtma_last_seq - (p_report->>'seq')::bigint < 16 then
     return jsonb_build_object('toolbox_id', v_box.id, 'ignored', true,
                               'reason', 'sequence not newer than the last applied heartbeat');
   end if;
@@ -214,15 +300,10 @@ begin
                                            else provisioning_error_message end
    where id = v_box.id;
 
-  -- The toolbox is back: say so on each instance's history (their stored status was kept, so
-  -- the effective status is exact again from this moment).
   if v_recovered then
-    insert into public.account_tool_instance_events
-      (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-       from_status, to_status, source, message)
-    select i.id, i.account_tool_environment_id, i.instance_name_on_toolbox, i.status_on_toolbox,
-           i.status_on_toolbox, 'heartbeat', 'toolbox is reporting again'
-      from public.account_tool_instances i where i.account_tool_environment_id = v_box.id;
+    perform public.cp_append_event(i, i.status_on_toolbox, i.status_on_toolbox, 'heartbeat',
+                                   'toolbox is reporting again')
+       from public.account_tool_instances i where i.account_tool_environment_id = v_box.id;
   end if;
 
   return jsonb_build_object(
@@ -243,11 +324,11 @@ set search_path = public, pg_temp
 as $$
 declare
   v_box public.account_tool_environments;
-  v_result jsonb;
+  v_result jsonb := jsonb_build_object('matched', 0, 'transitions', 0, 'unmanaged', '[]'::jsonb);
 begin
   select * into v_box from public.account_tool_environments
    where id = p_toolbox_id and user_id = p_user_id
-   for update;
+   for no key update;
   if not found then
     perform public.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
   end if;
@@ -256,7 +337,18 @@ begin
                                             replace(v_box.status::text, '_', ' ')),
                             jsonb_build_object('toolbox_status', v_box.status));
   end if;
-  v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'dtma');
+  if p_report->>'docker_error' is null then
+    v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'dtma');
+  end if;
+  update public.account_tool_environments
+     set dtma_last_reached_at = now(),
+         dtma_report_details_json = case
+           when p_report->>'docker_error' is not null then jsonb_set(coalesce(dtma_report_details_json, '{}'),
+             '{docker}', jsonb_build_object('healthy', false, 'error', p_report->>'docker_error'))
+           when dtma_report_details_json->'docker'->>'healthy' = 'false' then jsonb_set(dtma_report_details_json,
+             '{docker}', jsonb_build_object('healthy', true))
+           else dtma_report_details_json end
+   where id = v_box.id;
   return jsonb_build_object('toolbox_id', v_box.id, 'matched', v_result->'matched',
                             'transitions', v_result->'transitions',
                             'unmanaged', jsonb_array_length(v_result->'unmanaged'));

@@ -93,35 +93,51 @@ as $$
     'dtma_key_version', p_box.dtma_key_version, 'last_heartbeat_at', p_box.last_heartbeat_at)
 $$;
 
--- Addresses the backend must never send a toolbox key to: a user who could point their
--- toolbox at one would make the backend talk to itself or its own network (SSRF). The same
--- rule is applied again in shared/dtma.py just before connecting.
+-- Addresses the backend must never send a toolbox key to: a user who could point their toolbox at
+-- one would make the backend talk to itself or its own network (SSRF). shared/addresses.py holds
+-- the same list for the DTMA client, which checks again just before connecting;
+-- tests/test_addresses.py feeds both the same table of addresses.
 create or replace function public.cp_address_is_internal(p_address inet)
 returns boolean
 language sql immutable
+set search_path = public, pg_temp
 as $$
-  select p_address << any (array[
+  select p_address <<= any (array[
     '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12',
-    '192.0.0.0/24', '192.168.0.0/16', '198.18.0.0/15', '224.0.0.0/4', '240.0.0.0/4',
-    '::/128', '::1/128', '::ffff:0:0/96', 'fc00::/7', 'fe80::/10', 'ff00::/8']::inet[])
+    '192.0.0.0/24', '192.0.2.0/24', '192.88.99.0/24', '192.168.0.0/16', '198.18.0.0/15', '198.51.100.0/24',
+    '203.0.113.0/24', '224.0.0.0/4', '240.0.0.0/4',
+    '::/128', '::1/128', '::ffff:0:0/96', '64:ff9b::/96', '64:ff9b:1::/48', '100::/64', '2001::/23',
+    '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'ff00::/8']::inet[])
 $$;
 
 create or replace function public.cp_check_toolbox_commandable(p_box public.account_tool_environments,
                                                                p_allow_internal boolean)
 returns void
 language plpgsql
+set search_path = public, pg_temp
 as $$
 begin
   if p_box.status <> 'active' then
     perform public.cp_raise('MC409',
-      case p_box.status
-        when 'unresponsive' then format('toolbox %s is unresponsive (no heartbeat lately); try again when it reports',
-                                        p_box.name)
-        when 'awaiting_heartbeat' then format('toolbox %s is starting up; try again when it is active', p_box.name)
+      case
+        when p_box.status = 'unresponsive' and p_box.dtma_last_reached_at > p_box.last_heartbeat_at then format(
+          'toolbox %s is unresponsive: its agent answers the backend but its heartbeats do not arrive; check '
+          'AGENTOPIA_API_BASE_URL and DTMA_AUTH_TOKEN in /etc/dtma.conf on the droplet', p_box.name)
+        when p_box.status = 'unresponsive' then format(
+          'toolbox %s is unresponsive (no heartbeat lately); try again when it reports', p_box.name)
+        when p_box.status = 'awaiting_heartbeat' then format(
+          'toolbox %s is starting up; try again when it is active', p_box.name)
         else format('toolbox %s is %s; try again when it is active',
                     p_box.name, replace(p_box.status::text, '_', ' '))
       end,
       jsonb_build_object('toolbox_status', p_box.status));
+  end if;
+  if p_box.dtma_report_details_json->'docker'->>'healthy' = 'false' then
+    perform public.cp_raise('MC409',
+      format('Docker is not answering on toolbox %s (its agent says: %s); nothing can be deployed, started or '
+             'stopped there until it is back. On the droplet: systemctl status docker', p_box.name,
+             left(p_box.dtma_report_details_json->'docker'->>'error', 200)),
+      jsonb_build_object('toolbox_status', p_box.status, 'docker', 'down'));
   end if;
   if p_box.public_ip_address is null then
     perform public.cp_raise('MC409', format('toolbox %s has no public IP address yet', p_box.name),
@@ -134,6 +150,23 @@ begin
       jsonb_build_object('toolbox_status', p_box.status));
   end if;
 end
+$$;
+
+-- Names and host ports held by containers of the toolbox that this service does not manage, as
+-- the last heartbeat listed them: deploys refuse the names and allocate around the ports.
+create or replace function public.cp_unmanaged_names(p_box public.account_tool_environments)
+returns table (name text, port int)
+language sql stable
+set search_path = public, pg_temp
+as $$
+  select n.name, null::int
+    from jsonb_array_elements(coalesce(p_box.dtma_report_details_json->'unmanaged_containers', '[]')) c
+    cross join lateral jsonb_array_elements_text(coalesce(c->'names', '[]')) n(name)
+  union all
+  select (c->'names'->>0), p::text::int
+    from jsonb_array_elements(coalesce(p_box.dtma_report_details_json->'unmanaged_containers', '[]')) c
+    cross join lateral jsonb_array_elements(coalesce(c->'ports', '[]')) p
+   where jsonb_typeof(p) = 'number'
 $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -158,9 +191,10 @@ declare
   v_name text := p_spec->>'name';
   v_port int := (p_spec->>'host_port')::int;
   v_dtma_port int;
+  v_holder text;
 begin
   select * into v_box from public.account_tool_environments
-   where id = p_toolbox_id and user_id = p_user_id for update;
+   where id = p_toolbox_id and user_id = p_user_id for no key update;
   if not found then
     perform public.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
   end if;
@@ -178,26 +212,42 @@ begin
     perform public.cp_raise('MC409', format('an MCP server named %s already exists on toolbox %s', v_name, v_box.name),
                             jsonb_build_object('field', 'name'));
   end if;
+  if exists (select 1 from public.cp_unmanaged_names(v_box) u where u.port is null and u.name = v_name) then
+    perform public.cp_raise('MC409',
+      format('a container named %s already runs on toolbox %s and was not created by this service (the agent '
+             'itself or other software); pick another name', v_name, v_box.name),
+      jsonb_build_object('field', 'name', 'container', v_name));
+  end if;
 
   v_dtma_port := coalesce(v_box.dtma_port, (p_policy->>'dtma_port')::int);
   if v_port is null then
     select min(p) into v_port
       from generate_series((p_policy->>'port_low')::int, (p_policy->>'port_high')::int) p
-     where p <> v_dtma_port
+     where p not in (v_dtma_port, (p_policy->>'dtma_port')::int)
        and not exists (select 1 from public.account_tool_instances
-                       where account_tool_environment_id = v_box.id and host_port = p);
+                       where account_tool_environment_id = v_box.id and host_port = p)
+       and not exists (select 1 from public.cp_unmanaged_names(v_box) u where u.port = p);
     if v_port is null then
       perform public.cp_raise('MC409', format('no free host port left on toolbox %s in %s-%s', v_box.name,
                                               p_policy->>'port_low', p_policy->>'port_high'),
                               jsonb_build_object('field', 'host_port'));
     end if;
-  elsif v_port = v_dtma_port then
+  elsif v_port in (v_dtma_port, (p_policy->>'dtma_port')::int) then
+    -- The toolbox's agent port, and the fleet's (30000): the one place this rule lives.
     perform public.cp_raise('MC400', format('host_port %s is the toolbox agent''s own port', v_port),
                             jsonb_build_object('field', 'host_port'));
   elsif exists (select 1 from public.account_tool_instances
                 where account_tool_environment_id = v_box.id and host_port = v_port) then
     perform public.cp_raise('MC409', format('host port %s is already used on toolbox %s', v_port, v_box.name),
                             jsonb_build_object('field', 'host_port'));
+  else
+    select u.name into v_holder from public.cp_unmanaged_names(v_box) u where u.port = v_port limit 1;
+    if found then
+      perform public.cp_raise('MC409',
+        format('host port %s is already used on toolbox %s by container %s, which this service does not manage; '
+               'pick another port or leave host_port out to get a free one', v_port, v_box.name, v_holder),
+        jsonb_build_object('field', 'host_port', 'container', v_holder));
+    end if;
   end if;
 
   insert into public.account_tool_instances (
@@ -241,6 +291,7 @@ set search_path = public, pg_temp
 as $$
 declare
   v_row public.account_tool_instances;
+  v_before public.account_tool_instances;
   v_box public.account_tool_environments;
 begin
   select i.* into v_row from public.account_tool_instances i
@@ -251,16 +302,28 @@ begin
     perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
   end if;
   select * into v_box from public.account_tool_environments where id = v_row.account_tool_environment_id;
+  if v_row.agent_unmanaged_at is not null and p_action <> 'remove' then
+    perform public.cp_raise('MC409',
+      format('the toolbox agent no longer manages %s (it restarted and forgot the container), so it cannot %s '
+             'it. Remove this server (the container stays on the droplet: docker rm -f %s there), then deploy '
+             'it again', v_row.instance_name_on_toolbox, p_action, v_row.instance_name_on_toolbox),
+      jsonb_build_object('status', v_row.status_on_toolbox, 'action', p_action, 'agent_manages', false));
+  end if;
   if not (p_plan ? v_row.status_on_toolbox::text) then
     perform public.cp_raise('MC409',
       format('cannot %s %s while it is %s', p_action, v_row.instance_name_on_toolbox, v_row.status_on_toolbox),
       jsonb_build_object('status', v_row.status_on_toolbox, 'action', p_action));
   end if;
-  perform public.cp_check_toolbox_commandable(v_box, p_allow_internal);
+  if p_action <> 'remove' then
+    perform public.cp_check_toolbox_commandable(v_box, p_allow_internal);
+  end if;
+  v_before := v_row;
   v_row := public.cp_apply_instance_transition(
     v_row, (p_plan->>v_row.status_on_toolbox::text)::public.account_tool_installation_status_enum, 'api',
     p_message);
-  return jsonb_build_object('instance', public.cp_instance_json(v_row), 'toolbox', public.cp_toolbox_json(v_box));
+  return jsonb_build_object('instance', public.cp_instance_json(v_row), 'toolbox', public.cp_toolbox_json(v_box),
+                            'previous_status', v_before.status_on_toolbox,
+                            'previous_error', v_before.instance_error_message);
 end
 $$;
 
@@ -297,6 +360,60 @@ begin
   else
     v_row := public.cp_apply_instance_transition(
       v_row, p_to::public.account_tool_installation_status_enum, 'api', p_message);
+  end if;
+  return public.cp_instance_json(v_row);
+end
+$$;
+
+-- An action that never reached the agent, or that the agent refused without touching the
+-- container: back to the status (and error) it started from, with an event saying why. Guarded
+-- like cp_settle: if a report moved the instance meanwhile, the newer truth stands and only the
+-- event is written.
+create or replace function public.cp_revert_action(
+  p_instance_id uuid, p_expected text, p_previous text, p_previous_error text, p_message text
+) returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_row public.account_tool_instances;
+begin
+  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
+  if not found then
+    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
+  end if;
+  if v_row.status_on_toolbox::text <> p_expected then
+    perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
+    return public.cp_instance_json(v_row);
+  end if;
+  v_row := public.cp_apply_instance_transition(
+    v_row, p_previous::public.account_tool_installation_status_enum, 'api', p_message);
+  if p_previous = 'error' then
+    update public.account_tool_instances set instance_error_message = p_previous_error
+     where id = p_instance_id returning * into v_row;
+  end if;
+  return public.cp_instance_json(v_row);
+end
+$$;
+
+-- The agent answered 404 for a container it still lists: it no longer manages it (it restarted
+-- and forgot it). The user keeps seeing that until the record is removed.
+create or replace function public.cp_mark_agent_unmanaged(p_instance_id uuid, p_message text)
+returns jsonb
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_row public.account_tool_instances;
+begin
+  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
+  if not found then
+    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
+  end if;
+  if v_row.agent_unmanaged_at is null then
+    update public.account_tool_instances set agent_unmanaged_at = now() where id = p_instance_id
+    returning * into v_row;
+    perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
   end if;
   return public.cp_instance_json(v_row);
 end

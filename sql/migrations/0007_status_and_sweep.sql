@@ -92,6 +92,7 @@ begin
                'discovery_metadata', p.mcp_discovery_metadata,
                'runtime', p.runtime_details,
                'last_report_at', p.last_heartbeat_from_dtma,
+               'agent_unmanaged_at', p.agent_unmanaged_at,
                'created_at', p.created_at,
                'updated_at', p.updated_at,
                'toolbox', jsonb_build_object(
@@ -99,7 +100,12 @@ begin
                  'public_ip_address', host(e.public_ip_address), 'dtma_port', e.dtma_port,
                  'dtma_key_version', e.dtma_key_version, 'last_heartbeat_at', e.last_heartbeat_at,
                  'heartbeat_age_seconds', extract(epoch from now() - e.last_heartbeat_at),
-                 'provisioning_error_message', e.provisioning_error_message),
+                 'provisioning_error_message', e.provisioning_error_message,
+                 'dtma_last_reached_at', e.dtma_last_reached_at,
+                 'reached_age_seconds', extract(epoch from now() - e.dtma_last_reached_at),
+                 'docker_error', case when e.dtma_report_details_json->'docker'->>'healthy' = 'false'
+                                      then coalesce(e.dtma_report_details_json->'docker'->>'error', 'unknown error')
+                                 end),
                'events', coalesce(ev.events, '[]'::jsonb)) as item
         from page p
         join public.account_tool_environments e on e.id = p.account_tool_environment_id
@@ -151,7 +157,7 @@ $$;
 --   than half", and the likeliest cause of one droplet going quiet is that droplet. A fraction
 --   means something once several independent toolboxes fall silent together.
 --
--- Concurrency: every change picks its rows with FOR UPDATE SKIP LOCKED, and every predicate is
+-- Concurrency: every change picks its rows with FOR (NO KEY) UPDATE SKIP LOCKED, and every predicate is
 -- re-checked on the locked row version, so two sweeps at once split the work and change each
 -- row once; a heartbeat holding a toolbox's lock is simply skipped (it is proof of life).
 -- Each kind of change is bounded by p_batch_size; `more` says a kind hit it (run again).
@@ -181,6 +187,8 @@ declare
   v_deadlines jsonb := '{}';
   v_failed int := 0;
   v_row record;
+  v_box public.account_tool_environments;
+  v_inst public.account_tool_instances;
 begin
   if p_batch_size < 1 or p_guard_fraction <= 0 or p_guard_fraction > 1 or p_stale_after_seconds < 1 then
     perform public.cp_raise('MC400', 'sweep parameters out of range',
@@ -199,35 +207,27 @@ begin
                and (v_silent + v_recent) > p_guard_fraction * (v_active + v_recent);
 
   if not v_tripped then
-    -- 1. silent toolboxes -> unresponsive, one event per instance
-    with picked as (
-      select e.id, coalesce(e.last_heartbeat_at, e.status_changed_at) as last_heard
-        from public.account_tool_environments e
+    -- 1. silent toolboxes -> unresponsive, one event per instance (through cp_append_event)
+    for v_box in
+      select e.* from public.account_tool_environments e
        where e.status = 'active'
          and (e.last_heartbeat_at < v_silent_before
               or (e.last_heartbeat_at is null and e.status_changed_at < v_silent_before))
        order by e.last_heartbeat_at nulls first, e.id
        limit p_batch_size
-       for update skip locked
-    ), marked as (
-      update public.account_tool_environments e
-         set status = 'unresponsive', status_changed_at = now()
-        from picked
-       where e.id = picked.id
-      returning e.id, e.name, picked.last_heard
-    ), events as (
-      insert into public.account_tool_instance_events
-        (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
-         from_status, to_status, source, message)
-      select i.id, i.account_tool_environment_id, i.instance_name_on_toolbox, i.status_on_toolbox,
-             i.status_on_toolbox, 'sweep',
-             format('toolbox %s silent for %s s; status unknown until it reports again',
-                    coalesce(m.name, m.id::text), floor(extract(epoch from now() - m.last_heard))::bigint)
-        from marked m
-        join public.account_tool_instances i on i.account_tool_environment_id = m.id
-      returning 1
-    )
-    select (select count(*) from marked), (select count(*) from events) into v_marked, v_events;
+         for no key update skip locked
+    loop
+      update public.account_tool_environments set status = 'unresponsive', status_changed_at = now()
+       where id = v_box.id;
+      v_marked := v_marked + 1;
+      for v_inst in select * from public.account_tool_instances i where i.account_tool_environment_id = v_box.id
+      loop
+        perform public.cp_append_event(v_inst, v_inst.status_on_toolbox, v_inst.status_on_toolbox, 'sweep',
+          format('toolbox %s silent for %s s; status unknown until it reports again', coalesce(v_box.name, v_box.id::text),
+                 floor(extract(epoch from now() - coalesce(v_box.last_heartbeat_at, v_box.status_changed_at)))::bigint));
+        v_events := v_events + 1;
+      end loop;
+    end loop;
 
     -- 2. never made first contact -> error_provisioning
     with picked as (
@@ -236,7 +236,7 @@ begin
          and e.status_changed_at < now() - make_interval(secs => p_first_contact_grace_seconds)
        order by e.status_changed_at, e.id
        limit p_batch_size
-       for update skip locked
+       for no key update skip locked
     ), failed as (
       update public.account_tool_environments e
          set status = 'error_provisioning', status_changed_at = now(),

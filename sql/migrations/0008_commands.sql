@@ -162,7 +162,7 @@ begin
   if not found then
     return jsonb_build_object('state', 'gone');
   end if;
-  select * into v_box from public.account_tool_environments where id = v_cmd.account_tool_environment_id for update;
+  select * into v_box from public.account_tool_environments where id = v_cmd.account_tool_environment_id for no key update;
   select * into v_cmd from public.dtma_commands where id = p_command_id for update;
   if v_cmd.status in ('done', 'failed', 'superseded') then
     return jsonb_build_object('state', v_cmd.status);

@@ -5,7 +5,7 @@ function its own URL, where the function sees `/`. Here each function is mounted
 `/functions/v1/<name>` and under `/<name>` (kebab-case spellings too, as deploy.sh names the
 Cloud Run services), so an unmodified client only has to change its base URL.
 
-Two traps shape this module (reference/toolchain-notes.md, "functions-framework"):
+Two traps of functions-framework shape this module:
 
 * `functions_framework.create_app(target, source)` executes `main.py` as a module named
   `main` and leaves it in `sys.modules["main"]`, so five functions collide. Each app keeps a

@@ -4,7 +4,7 @@ The stored status says what the last report said; whether that is still true dep
 ago the toolbox last reported. So every server is answered with both: `status` (stored) and
 `effective_status`, which is `unknown` as soon as its toolbox is not `active` or its heartbeat is
 older than the staleness threshold, whatever is stored (a silent agent is not reported as
-running; reference anchors B4.5). The heartbeat age is computed by the database clock in the same
+running, as Kubernetes and Nomad treat a silent node). The heartbeat age is computed by the database clock in the same
 statement that reads the rows, so the answer needs no sweep to have run and no clock agreement
 between function instances.
 

@@ -46,7 +46,7 @@ def test_owner_sees_only_their_own_rows(pg: psycopg.Connection, two_tenants: dic
 
 
 def test_web_app_query_works_with_column_grants(pg: psycopg.Connection, two_tenants: dict[str, str]) -> None:
-    """mcpService.getServers' select (reference §4.1), translated to SQL."""
+    """The web app's mcpService.getServers select, translated to SQL."""
     with as_role(pg, "authenticated", two_tenants["a"]) as conn:
         rows = conn.execute("""
             select i.id, i.instance_name_on_toolbox, i.status_on_toolbox, i.last_heartbeat_from_dtma, i.created_at,

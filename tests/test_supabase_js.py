@@ -1,4 +1,4 @@
-"""The real Supabase JavaScript clients against the local stack (design §4).
+"""The real Supabase JavaScript clients against the local stack.
 
 `@supabase/functions-js` `FunctionsClient` and `@supabase/supabase-js` `functions.invoke` (2.109,
 the last release that supports Node 20) are installed from npm into tests/js/node_modules and

@@ -3,7 +3,7 @@
 --
 -- Each type is created when missing and otherwise extended, so this applies both to a fresh
 -- database and to one that still carries Agentopia's original (shorter) enums. The values are
--- Agentopia's, in Agentopia's order (reference §1.2); we add none of the strings the original
+-- Agentopia's, in Agentopia's order; we add none of the strings the original
 -- code wrote that were never members (W11): every status this project writes is listed here.
 
 do $$

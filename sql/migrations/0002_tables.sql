@@ -1,6 +1,6 @@
--- Tables, with Agentopia's table and column names (reference §1.3-1.6) so the web app's
+-- Tables, with Agentopia's table and column names so the web app's
 -- existing queries keep working. Deliberate departures from the original, each fixing a
--- known defect (reference §5), are marked "W<n>".
+-- known defect of the original (docs/original-defects.md), are marked "W<n>".
 
 create or replace function public.trigger_set_timestamp() returns trigger
 language plpgsql
@@ -12,7 +12,7 @@ end
 $$;
 
 -- ---------------------------------------------------------------------------------------------
--- tool_catalog (reference §1.3)
+-- tool_catalog
 -- ---------------------------------------------------------------------------------------------
 create table public.tool_catalog (
   id uuid primary key default gen_random_uuid(),
@@ -49,7 +49,7 @@ create index idx_tool_catalog_categories on public.tool_catalog using gin (categ
 create trigger set_tool_catalog_updated_at before update on public.tool_catalog
   for each row execute function public.trigger_set_timestamp();
 
--- The generic MCP catalog row every MCP server instance points at (reference §1.4).
+-- The generic MCP catalog row every MCP server instance points at.
 -- `docker_image_url` is a real, pullable reference MCP server so a deploy that names no image
 -- starts something that works; Agentopia's `mcpserver/generic:latest` never existed.
 insert into public.tool_catalog (
@@ -70,7 +70,7 @@ on conflict (id) do update set
   updated_at = now();
 
 -- ---------------------------------------------------------------------------------------------
--- account_tool_environments: one toolbox = one droplet running the DTMA (reference §1.5)
+-- account_tool_environments: one toolbox = one droplet running the DTMA
 -- ---------------------------------------------------------------------------------------------
 create table public.account_tool_environments (
   id uuid primary key default gen_random_uuid(),
@@ -122,7 +122,7 @@ create trigger set_account_tool_environments_updated_at before update on public.
   for each row execute function public.trigger_set_timestamp();
 
 -- ---------------------------------------------------------------------------------------------
--- account_tool_instances: one container on a toolbox; MCP servers are rows here (reference §1.6)
+-- account_tool_instances: one container on a toolbox; MCP servers are rows here
 -- ---------------------------------------------------------------------------------------------
 create table public.account_tool_instances (
   id uuid primary key default gen_random_uuid(),

@@ -21,7 +21,7 @@
 -- FOR KEY SHARE on it, which that does not block, so a heartbeat holding its toolbox while it
 -- waits for an instance can never deadlock with an action holding that instance while it records
 -- an event.
--- Time is the database's now(), never the agent's clock (reference anchors B4).
+-- Time is the database's now(), never the agent's clock.
 --
 -- The matching itself (cp_reconcile_toolbox) is shared with mcp_status?refresh=true, which
 -- applies a direct DTMA read (GET /tools/status) through the same rules.

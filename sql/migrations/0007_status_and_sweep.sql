@@ -2,7 +2,7 @@
 -- recent history in one round trip, and the scheduled sweep that keeps stored state honest when
 -- agents go silent. (A direct DTMA read is applied by cp_refresh_from_dtma, in 0005.)
 --
--- Time is always the database's now() (reference anchors B4.1): ages and deadlines are computed
+-- Time is always the database's now(): ages and deadlines are computed
 -- here, never from a function instance's clock.
 
 -- ---------------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ $$;
 --    unknown and the first heartbeat after recovery settles them or lets the next sweep fail
 --    them). pending_deploy never reached the toolbox, so it has no such condition.
 --
--- The guard (Kubernetes' all-zones rule, anchors B4.6): when the toolboxes going silent are more
+-- The guard (Kubernetes' rule for a zone whose nodes all go silent): when the toolboxes going silent are more
 -- than p_guard_fraction of the active fleet, the likelier cause is our ingest path (or the
 -- network in front of it), not the droplets. Then steps 1 and 2, the verdicts that rest on "no
 -- heartbeat arrived", mark nothing, and the answer says guard_tripped. Step 3 carries on: it

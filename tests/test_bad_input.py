@@ -33,14 +33,11 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import JWT_SECRET, ROOT
-from tests.factories import MASTER_SECRET, Factory, Toolbox
-from tests.flows import settle
+from tests.conftest import JWT_SECRET
+from tests.factories import Factory, Toolbox
+from tests.helpers import DEPLOY, FUNCTIONS, HEARTBEAT, MANAGE, STATUS, SWEEP, base_env, build_clients, settle, snapshot
 from tests.jwt_helpers import mint_hs256
 
-DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT = ("deploy_mcp_server", "manage_mcp_server", "mcp_status",
-                                            "mcp_status_sweep", "dtma_heartbeat_ingest")
-FUNCTIONS = (DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT)
 BODY_FUNCTIONS = (DEPLOY, MANAGE, STATUS, HEARTBEAT)
 MAX_BODY = 1_048_576
 
@@ -53,28 +50,8 @@ FUZZ_SMALL = settings(FUZZ, max_examples=30)
 
 # --- apps, built once ----------------------------------------------------------------------------
 
-def base_env(database_url: str) -> dict[str, str]:
-    return {"DATABASE_URL": database_url, "SUPABASE_JWT_SECRET": JWT_SECRET, "DTMA_KEY_SECRET": MASTER_SECRET,
-            "ALLOW_PRIVATE_TOOLBOX_IPS": "true", "LOG_FORMAT": "text"}
 
 
-def build_clients(env: dict[str, str], names: tuple[str, ...] = FUNCTIONS) -> dict[str, FlaskClient]:
-    """functions-framework apps configured by `env`, as a deployment would configure them. Each
-    main.py reads its settings at import, so the environment is only needed while building."""
-    from functions_framework import create_app
-
-    from shared import runtime
-
-    patch = pytest.MonkeyPatch()
-    try:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        runtime.reset()
-        return {name: create_app(target=name, source=str(ROOT / "functions" / name / "main.py")).test_client()
-                for name in names}
-    finally:
-        patch.undo()
-        runtime.reset()
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +61,6 @@ def clients(database_url: str) -> dict[str, FlaskClient]:
 
 # --- the database, before and after --------------------------------------------------------------
 
-def snapshot(conn: psycopg.Connection) -> dict[str, tuple[int, str]]:
-    """(row count, digest of every row) of every table in `public` and `auth`: one round trip."""
-    tables = conn.execute("select format('%I.%I', schemaname, tablename) from pg_tables "
-                          "where schemaname in ('public', 'auth') order by 1").fetchall()
-    query = " union all ".join(
-        f"select '{name}', count(*), md5(coalesce(string_agg(t::text, '|' order by t::text), '')) from {name} t"
-        for (name,) in tables)
-    return {name: (count, digest) for name, count, digest in conn.execute(query).fetchall()}
 
 
 def assert_error_shape(response: Any) -> dict[str, Any]:

@@ -25,8 +25,7 @@ from devstack.server import HttpServer
 from shared.config import load_settings
 from shared.tasks import CloudTasksQueue, EnqueueFailed
 from tests.factories import Factory
-from tests.flows import last_command, server_row
-from tests.test_deploy import auth, spec
+from tests.helpers import auth, last_command, server_row, spec
 
 QUEUE = "projects/test-project/locations/local/queues/dtma-commands"
 SA = "dtma-commands@test-project.iam.gserviceaccount.com"

@@ -16,20 +16,14 @@ from flask.testing import FlaskClient
 from ops.credentials import issue
 from tests.conftest import JWT_SECRET
 from tests.factories import MASTER_SECRET, Factory
-from tests.flows import last_command, server_row, settle
+from tests.helpers import auth, last_command, server_row, settle, spec
 from tests.jwt_helpers import mint_hs256
 
 FN = "deploy_mcp_server"
 
 
-def auth(user_id: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint_hs256(JWT_SECRET, sub=user_id)}"}
 
 
-def spec(box: Any, **overrides: Any) -> dict[str, Any]:
-    return {"toolbox_id": box.id, "name": "mcp-github", "image": "mcp/github:latest",
-            "transport": "streamable_http", "container_port": 8080, "env": {"GITHUB_TOKEN": "ghp_supersecret123"},
-            **overrides}
 
 
 @pytest.fixture

@@ -33,9 +33,7 @@ from devstack import embedded_pg
 from devstack.dtma_standin import StandInAgent
 from ops.migrate import migrate
 from tests.factories import Factory, Toolbox
-from tests.flows import last_command, settle
-from tests.test_deploy import auth, spec
-from tests.test_heartbeat import beat, container
+from tests.helpers import auth, beat, closed_port, container, last_command, settle, spec
 
 DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT = ("deploy_mcp_server", "manage_mcp_server", "mcp_status",
                                             "mcp_status_sweep", "dtma_heartbeat_ingest")
@@ -129,10 +127,6 @@ def fault_server() -> Iterator[Callable[..., FaultServer]]:
         server.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- helpers ------------------------------------------------------------------------------------------

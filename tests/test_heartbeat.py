@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -16,25 +15,13 @@ from flask.testing import FlaskClient
 from shared import runtime
 from shared.db.postgres import PostgresDatabase
 from tests.factories import Factory, Toolbox
+from tests.helpers import CountingCursor, beat, container
 
 FN = "dtma_heartbeat_ingest"
 
 
-def container(name: str, state: str = "running", status: str = "Up 1 minute", **extra: Any) -> dict[str, Any]:
-    """A container summary exactly as the real DTMA sends it (tests/fixtures/real-dtma-heartbeat-*.json),
-    created now: after the instance rows a test arranges, as a container this service deployed is."""
-    return {"id": hashlib.sha256(name.encode()).hexdigest(), "names": [name], "image": "mcp/github:latest",
-            "image_id": "sha256:" + "ab" * 32, "command": "docker-entrypoint.sh", "created": int(time.time()),
-            "state": state, "status": status,
-            "ports": [{"ip": "0.0.0.0", "private_port": 8080, "public_port": 49152, "type": "tcp"}], **extra}
 
 
-def beat(*items: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    return {"dtma_version": "0.1.0",
-            "system_status": {"cpu_load_percent": 3.5, "memory": {"total_bytes": 1, "active_bytes": 1,
-                                                                   "free_bytes": 0, "used_bytes": 1},
-                              "disk": {"mount": "/", "total_bytes": 1, "used_bytes": 1, "free_bytes": 0}},
-            "tool_statuses": list(items), **fields}
 
 
 def post(client: FlaskClient, toolbox: Toolbox | None, body: Any, path: str = "/heartbeat",
@@ -303,12 +290,6 @@ def test_token_never_reaches_the_logs(client: FlaskClient, factory: Factory,
     assert box.token not in caplog.text and box.token[:16] not in caplog.text
 
 
-class CountingCursor(psycopg.Cursor):
-    statements = 0
-
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
-        type(self).statements += 1
-        return super().execute(*args, **kwargs)
 
 
 @pytest.mark.parametrize("items", [1, 100])

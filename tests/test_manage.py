@@ -10,8 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.factories import Factory
-from tests.flows import settle
-from tests.test_deploy import auth, spec
+from tests.helpers import auth, settle, spec
 
 FN = "manage_mcp_server"
 

@@ -31,11 +31,8 @@ from shared import logging as shared_logging
 from shared.config import load_settings
 from tests.conftest import JWT_SECRET
 from tests.factories import MASTER_SECRET, Factory
-from tests.flows import settle
+from tests.helpers import beat, closed_port, container, settle, spec
 from tests.jwt_helpers import OMIT, mint_alg_none, mint_hs256
-from tests.test_deploy import spec
-from tests.test_faults import closed_port
-from tests.test_heartbeat import beat, container
 
 SERVICE_KEY = "sb_secret_logs-test-service-key-0123456789abcdef"
 SERVICE_JWT = mint_hs256(JWT_SECRET, sub=OMIT, role="service_role", aud=None, iss="supabase")

@@ -18,8 +18,8 @@ from shared import runtime
 from shared.db.postgres import PostgresDatabase
 from tests.conftest import JWT_SECRET
 from tests.factories import Factory, Toolbox
+from tests.helpers import CountingCursor, beat, container
 from tests.jwt_helpers import mint_hs256
-from tests.test_heartbeat import CountingCursor, beat, container
 
 FN = "mcp_status"
 STALE = 3 * 60 + 30

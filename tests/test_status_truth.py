@@ -15,8 +15,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from tests.factories import Factory
-from tests.flows import last_command, settle
-from tests.test_deploy import auth, spec
+from tests.helpers import auth, last_command, settle, spec
 
 DEPLOY, MANAGE, STATUS, HEARTBEAT = "deploy_mcp_server", "manage_mcp_server", "mcp_status", "dtma_heartbeat_ingest"
 

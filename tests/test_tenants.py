@@ -32,8 +32,7 @@ from flask.testing import FlaskClient
 
 from tests.conftest import JWT_SECRET
 from tests.factories import Factory, Toolbox
-from tests.jwt_helpers import OMIT, EcKeyPair, JwksServer, mint_alg_none, mint_hs256, mint_hs256_with_public_key
-from tests.test_bad_input import (
+from tests.helpers import (
     DEPLOY,
     FUNCTIONS,
     HEARTBEAT,
@@ -44,6 +43,7 @@ from tests.test_bad_input import (
     build_clients,
     snapshot,
 )
+from tests.jwt_helpers import OMIT, EcKeyPair, JwksServer, mint_alg_none, mint_hs256, mint_hs256_with_public_key
 
 # Never listened on: the JWKS the issuer implies is not used (SUPABASE_JWKS_URL points at the
 # loopback JWKS below); the URL only defines the issuer a token must carry.

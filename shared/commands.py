@@ -32,7 +32,7 @@ from uuid import UUID
 
 from shared import lifecycle, secret_env
 from shared.dtma import AddressRefused, DtmaError, DtmaRejected, Target
-from shared.errors import ApiError
+from shared.errors import invalid
 from shared.http import Call, Reply
 from shared.lifecycle import Status
 from shared.logging import redact, request_secrets
@@ -367,8 +367,7 @@ def handle(call: Call, rt: Runtime) -> Reply:
     try:
         command_id = str(UUID(str(raw)))
     except ValueError:
-        raise ApiError(400, "invalid_request", "command_id: must be the UUID of a command", {"field": "command_id"}) \
-            from None
+        raise invalid("command_id", "must be the UUID of a command") from None
     call.log_fields["command_id"] = command_id
     answer = execute(rt, command_id)
     call.log_fields.update({k: answer.get(k) for k in ("state", "action", "code", "wait") if k in answer})

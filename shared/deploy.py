@@ -19,7 +19,7 @@ import uuid
 
 from shared import commands_queue, idempotency, secret_env, status
 from shared.auth import authenticate
-from shared.errors import ApiError
+from shared.errors import ApiError, invalid
 from shared.http import Call, Reply
 from shared.logging import request_secrets
 from shared.models import DeployRequest, parse
@@ -32,7 +32,7 @@ def _check_ports(request: DeployRequest, rt: Runtime) -> None:
     """Ports below 1024 are a setting's business; the agent's own port is refused where the
     toolbox's port is known, in `cp_record_deploy`."""
     if request.host_port is not None and request.host_port < 1024 and not rt.settings.ALLOW_PRIVILEGED_PORTS:
-        raise ApiError(400, "invalid_request", "host_port: ports below 1024 are not allowed", {"field": "host_port"})
+        raise invalid("host_port", "ports below 1024 are not allowed")
 
 
 def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:

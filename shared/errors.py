@@ -30,6 +30,24 @@ class ApiError(Exception):
         return f"{type(self).__name__}({self.status}, {self.code!r}, {self.message!r})"
 
 
+def invalid(field: str, message: str, problems: list[str] | None = None, code: str = "invalid_request") -> ApiError:
+    """A 400 naming what is wrong. Every bad input answers with this one details shape:
+    `{"field": <where>, "problems": [<every problem found, "where: what">]}`."""
+    return ApiError(400, code, f"{field}: {message}", {"field": field, "problems": problems or [f"{field}: {message}"]})
+
+
+def from_validation(exc: Any, prefix: str = "", code: str = "invalid_request") -> ApiError:
+    """A pydantic ValidationError as `invalid(...)`, naming its first problem and listing all."""
+    def where(item: dict[str, Any]) -> str:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        return (prefix + path) or "body"
+
+    errors = exc.errors()
+    first = errors[0]
+    return invalid(where(first), str(first["msg"]).removeprefix("Value error, "),
+                   [f"{where(e)}: {str(e['msg']).removeprefix('Value error, ')}" for e in errors], code)
+
+
 class DomainError(ApiError):
     """The database refused an operation (state machine, ownership, uniqueness).
 

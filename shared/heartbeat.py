@@ -25,7 +25,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared import lifecycle
-from shared.errors import ApiError
+from shared.errors import ApiError, from_validation
 from shared.http import Call, Reply
 
 log = logging.getLogger("mcp.heartbeat")
@@ -75,10 +75,7 @@ _HEARTBEAT_FIELDS = frozenset(Heartbeat.model_fields)
 
 
 def _field_error(exc: ValidationError, prefix: str = "") -> ApiError:
-    first = exc.errors()[0]
-    where = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
-    return ApiError(400, "invalid_heartbeat", f"{where or 'body'}: {first['msg']}",
-                    {"field": where, "problems": len(exc.errors())})
+    return from_validation(exc, prefix, code="invalid_heartbeat")
 
 
 def _port_json(port: Port) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from shared import commands_queue, idempotency, lifecycle, status
 from shared.auth import authenticate
-from shared.errors import ApiError
+from shared.errors import ApiError, invalid
 from shared.http import Call, Reply
 from shared.models import ActionRequest, parse
 from shared.runtime import Runtime
@@ -65,14 +65,14 @@ def _force(values: list[str]) -> bool:
     if not values:
         return False
     if len(values) > 1 or values[0].lower() not in _TRUE | _FALSE:
-        raise ApiError(400, "invalid_request", "force: must be given once, as true or false", {"param": "force"})
+        raise invalid("force", "must be given once, as true or false")
     return values[0].lower() in _TRUE
 
 
 def _checked(request: _Request) -> _Request:
     """Refused before anything is recorded: force only makes sense for a removal."""
     if request.force and request.action not in ("remove", "delete"):
-        raise ApiError(400, "invalid_request", "force: applies to remove only", {"field": "force"})
+        raise invalid("force", "applies to remove only")
     return request
 
 

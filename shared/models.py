@@ -15,7 +15,7 @@ from uuid import UUID
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
-from shared.errors import ApiError
+from shared.errors import ApiError, from_validation
 
 CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -117,8 +117,4 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         if unknown:
             raise ApiError(422, "unknown_fields", f"unknown field(s): {', '.join(unknown)}",
                            {"fields": unknown}) from None
-        first = errors[0]
-        field = _location(first)
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ApiError(400, "invalid_request", f"{field}: {message}",
-                       {"field": field, "problems": [f"{_location(e)}: {e['msg']}" for e in errors]}) from None
+        raise from_validation(exc) from None

@@ -44,7 +44,7 @@ from shared import lifecycle
 from shared.auth import JwtVerifier, authenticate
 from shared.config import Settings
 from shared.db import Database
-from shared.errors import ApiError
+from shared.errors import ApiError, from_validation, invalid
 from shared.http import Call, Reply
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Query:
 
 
 def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_request", f"{param}: {message}", {"param": param})
+    return invalid(param, message)
 
 
 def _uuid(param: str, value: str | None) -> str | None:
@@ -192,9 +192,7 @@ def _body(call: Call) -> StatusRequest:
         if unknown:
             raise ApiError(422, "unknown_fields", "unknown field(s): " + ", ".join(unknown) + "; allowed: "
                            + ", ".join(_PARAMS), {"fields": unknown}) from None
-        first = exc.errors()[0]
-        # A key pydantic cannot read (e.g. a lone surrogate) has no location.
-        raise _bad(str(first["loc"][0]) if first["loc"] else "body", first["msg"]) from None
+        raise from_validation(exc) from None
 
 
 def parse_query(call: Call) -> Query:

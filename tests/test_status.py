@@ -291,7 +291,7 @@ def test_bad_parameters_are_400_naming_them(client: FlaskClient, factory: Factor
     response = client.get(path, query_string=params, headers=auth(factory.user()))
     assert response.status_code == 400
     assert response.json["error"]["message"].startswith(param + ":")
-    assert response.json["error"]["details"] == {"param": param}
+    assert response.json["error"]["details"]["field"] == param
 
 
 def test_unknown_query_parameters_are_plumbing_and_ignored(client: FlaskClient, factory: Factory) -> None:
@@ -312,7 +312,7 @@ def test_post_body_is_strict(client: FlaskClient, factory: Factory) -> None:
 
 def test_id_does_not_combine_with_list_filters(client: FlaskClient, factory: Factory) -> None:
     response = get(client, factory.user(), id=str(uuid.uuid4()), status="running")
-    assert response.status_code == 400 and response.json["error"]["details"] == {"param": "id"}
+    assert response.status_code == 400 and response.json["error"]["details"]["field"] == "id"
 
 
 def test_deeper_paths_are_404_and_other_methods_405(client: FlaskClient, factory: Factory) -> None:

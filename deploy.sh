@@ -24,7 +24,7 @@ Commands:
 gcp options (flags win over the environment):
   --project ID           GCP project (env GCP_PROJECT, else GOOGLE_CLOUD_PROJECT)   [required]
   --region REGION        region of functions and scheduler (env GCP_REGION)  [us-central1]
-  --env-file FILE        plain settings, KEY=VALUE lines (see shared/config.py / README); each
+  --env-file FILE        plain settings, KEY=VALUE lines (see docs/configuration.md); each
                          function gets only the settings it reads
   --secret ENV=SECRET[:VERSION]
                          take ENV from Secret Manager secret SECRET (version default `latest`);

@@ -1,7 +1,7 @@
-"""Generated README sections, so the documentation cannot drift from the code.
+"""Generated documentation sections, so the docs cannot drift from the code.
 
 `python -m ops.docs` rewrites the blocks between `<!-- name:start -->` and `<!-- name:end -->`
-markers in README.md; `tests/test_docs.py` fails when the README is out of date.
+markers in the files of `SECTIONS`; `tests/test_docs.py` fails when one is out of date.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from shared import lifecycle
 from shared.config import ALL_FUNCTIONS, Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 _SHORT = {"deploy_mcp_server": "deploy", "manage_mcp_server": "manage", "mcp_status": "status",
           "mcp_status_sweep": "sweep", "dtma_heartbeat_ingest": "heartbeat", "dtma_command_worker": "worker"}
 
@@ -47,23 +47,35 @@ def docker_table() -> str:
     for state, (target, _) in lifecycle.DOCKER_STATES.items():
         shown = f"`{target.value}`" if target else "(no change)"
         if state == "exited":
-            shown = "`stopped` (exit code 0) / `error` (non-zero)"
+            shown = "`stopped` after a stop was asked for; otherwise `error`, with the exit code when known"
         rows.append(f"| `{state}` | {shown} |")
     return "\n".join(rows)
 
 
-SECTIONS = {"config-table": config_table, "transitions-table": transitions_table, "docker-table": docker_table}
+# name -> (file it lives in, builder)
+SECTIONS = {"config-table": (DOCS / "configuration.md", config_table),
+            "transitions-table": (DOCS / "data-model.md", transitions_table),
+            "docker-table": (DOCS / "data-model.md", docker_table)}
 
 
-def render(text: str) -> str:
-    for name, build in SECTIONS.items():
+def render(text: str, names: list[str]) -> str:
+    for name in names:
+        build = SECTIONS[name][1]
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         text = pattern.sub(lambda m, b=build: m.group(1) + b() + "\n" + m.group(2), text)
     return text
 
 
+def by_file() -> dict[Path, list[str]]:
+    files: dict[Path, list[str]] = defaultdict(list)
+    for name, (path, _) in SECTIONS.items():
+        files[path].append(name)
+    return files
+
+
 def main() -> int:
-    README.write_text(render(README.read_text()))
+    for path, names in by_file().items():
+        path.write_text(render(path.read_text(), names))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Configuration from environment variables, validated once per process.
 
-Every setting declares which functions read it (`used_by`), so the README's configuration table
+Every setting declares which functions read it (`used_by`), so docs/configuration.md's table
 and each function's start-up check come from this one list. A function that starts with a
 missing or invalid variable fails at once with ONE message naming every problem, instead of
 failing on the first request that happens to need the value.

@@ -2,7 +2,7 @@
 
 The database enforces the transitions (`instance_status_transitions` in
 sql/migrations/0003_state_machine.sql); this module is the same table for Python readers, the
-README and the tests (`tests/test_state_machine.py` fails if the two ever differ). It also holds
+docs/data-model.md and the tests (`tests/test_state_machine.py` fails if the two ever differ). It also holds
 the rules the API applies on top: which user action may start from which status, what a
 container report asks for, and the *effective* status shown to users, where a silent toolbox
 makes everything `unknown` (Kubernetes' NodeStatusUnknown: staleness is not failure, and

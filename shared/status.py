@@ -305,7 +305,7 @@ def _truth(row: dict[str, Any], settings: Settings) -> _Truth:
 
 
 def server_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """One server exactly as the API documents it (README "mcp_status")."""
+    """One server exactly as the API documents it (docs/api.md)."""
     box = row["toolbox"]
     age = box["heartbeat_age_seconds"]
     truth = _truth(row, settings)

@@ -1,6 +1,6 @@
 """The database port: every operation is one call of one SQL function.
 
-Decision (README "Decisions"): state transitions live in SQL functions, one call per operation, each
+Decision (docs/architecture.md): state transitions live in SQL functions, one call per operation, each
 one transaction guarded by the expected current status. Python therefore needs exactly one
 primitive, `Database.call(name, **params)`, which returns the function's JSON result. Two
 transports implement it and the same tests run on both:

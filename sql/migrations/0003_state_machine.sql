@@ -3,7 +3,7 @@
 -- Every status change goes through public.cp_apply_instance_transition, which checks the pair
 -- (from, to) and the source against the table below, updates the row and appends the event in
 -- the same transaction. The same table is mirrored in shared/lifecycle.py (a test keeps the two
--- equal) and drawn in the README.
+-- equal) and drawn in docs/data-model.md.
 --
 -- Domain errors use SQLSTATEs of the made-up class "MC" so both database transports (psycopg
 -- and PostgREST) can map them back to an HTTP status without parsing messages:

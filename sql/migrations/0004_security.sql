@@ -85,7 +85,7 @@ $$;
 select public.cp_restrict_rpc_to_service_role();
 
 -- Supabase Realtime: the web app subscribes to its instances and their events instead of
--- polling (README "Realtime"). RLS applies to what each subscriber receives.
+-- polling (docs/data-model.md, "Realtime"). RLS applies to what each subscriber receives.
 do $$
 declare
   t text;

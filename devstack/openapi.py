@@ -1,7 +1,7 @@
 """Build `docs/openapi.json` (OpenAPI 3.1) from the code that defines the API.
 
 Request bodies come from the pydantic models the functions validate with (`shared.models`,
-`shared.status`, `shared.heartbeat`), so the document cannot drift from what is accepted.
+`shared.status_query`, `shared.reports`), so the document cannot drift from what is accepted.
 Answers are described here, next to each other, because the functions render plain dicts; the
 local stack's tests and `--demo` check real answers against them (`devstack.schema_check`), so
 a field added to an answer without being documented fails a test.
@@ -22,9 +22,9 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel
 
 from shared import lifecycle
-from shared.heartbeat import ContainerSummary, Heartbeat, InstanceReport
 from shared.models import ActionRequest, DeployRequest
-from shared.status import MAX_LIMIT, StatusRequest
+from shared.reports import ContainerSummary, Heartbeat, InstanceReport
+from shared.status_query import MAX_LIMIT, StatusRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "openapi.json"

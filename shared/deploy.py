@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from shared import commands_queue, idempotency, secret_env, status
+from shared import commands_queue, idempotency, secret_env, view
 from shared.auth import authenticate
 from shared.errors import ApiError, invalid
 from shared.http import Call, Reply
@@ -50,7 +50,7 @@ def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
                   "allow_internal": settings.ALLOW_PRIVATE_TOOLBOX_IPS},
         p_command_id=command_id, p_secret_env=secret_env.seal(settings, command_id, request.env))
     commands_queue.send(rt, command_id)
-    return Reply(202, status.read_server(rt, user_id, recorded["instance"]["id"]))
+    return Reply(202, view.read_server(rt, user_id, recorded["instance"]["id"]))
 
 
 def handle(call: Call, rt: Runtime) -> Reply:

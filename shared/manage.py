@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from shared import commands_queue, idempotency, lifecycle, status
+from shared import commands_queue, idempotency, lifecycle, view
 from shared.auth import authenticate
 from shared.errors import ApiError, invalid
 from shared.http import Call, Reply
@@ -102,12 +102,12 @@ def act(rt: Runtime, user_id: str, request: _Request) -> Reply:
     if outcome.get("removed"):
         return Reply(200, {"id": instance["id"], "name": instance["instance_name_on_toolbox"], "status": "removed",
                            "left_on_toolbox": outcome.get("left_on_toolbox")})
-    view = status.read_server(rt, user_id, instance["id"])
+    server = view.read_server(rt, user_id, instance["id"])
     http = int(outcome.get("http_status") or 202) if state["status"] in ("done", "failed") else 202
     if http < 300:
-        return Reply(http, view)
+        return Reply(http, server)
     raise ApiError(http, outcome.get("code") or "toolbox_failed", outcome.get("message") or "the action failed",
-                   {"server": view})
+                   {"server": server})
 
 
 def _wait(rt: Runtime, command_id: str, budget: float) -> dict[str, Any]:

@@ -14,5 +14,5 @@ RUNTIME = runtime.load(FUNCTION)
 
 @functions_framework.http
 def dtma_heartbeat_ingest(request: flask.Request) -> flask.Response:
-    return serve(request, FUNCTION, RUNTIME.settings, lambda call: heartbeat.handle(call, RUNTIME.db),
+    return serve(request, FUNCTION, RUNTIME.settings, lambda call: heartbeat.handle(call, RUNTIME),
                  methods={"POST"})

@@ -1,0 +1,189 @@
+"""What a toolbox's agent reports, as observations the database reconciles.
+
+Python's part is to authenticate the request's shape, validate the payload and turn every
+`tool_statuses` item into an observation (which instance, which status it asks for, and why);
+the database's part (`cp_ingest_heartbeat`, sql/migrations/0005_heartbeat.sql) is to match,
+apply and record them in one round trip. Items come in two formats, detected per item:
+
+* instance format `{account_tool_instance_id, status_on_toolbox, ...}` (what the original
+  backend expected);
+* container format: the Docker container summaries the real DTMA sends today
+  (docs/real-agent.md), matched to the instance this service created on this toolbox: by
+  container id once known, else by name for a container created after the instance was recorded.
+
+An item `{"error": ...}` means the agent could not talk to Docker: the toolbox's Docker is
+recorded as unhealthy and no instance changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared import lifecycle
+from shared.errors import ApiError, from_validation
+
+MAX_ITEMS = 5000
+
+
+class _Item(BaseModel):
+    model_config = ConfigDict(extra="allow", str_max_length=4096)
+
+
+class Port(_Item):
+    ip: str | None = None
+    private_port: int | None = None
+    public_port: int | None = None
+    type: str | None = None
+
+
+class ContainerSummary(_Item):
+    id: str = Field(max_length=128)
+    names: list[str] = Field(min_length=1, max_length=32)
+    image: str = ""
+    image_id: str = ""
+    command: str = ""
+    created: float | None = None
+    state: str = Field(max_length=32)
+    status: str = ""
+    ports: list[Port] = Field(default_factory=list, max_length=256)
+
+
+class InstanceReport(_Item):
+    account_tool_instance_id: UUID
+    status_on_toolbox: str = Field(max_length=64)
+    instance_name_on_toolbox: str | None = None
+    runtime_details: dict[str, Any] | None = None
+
+
+class Heartbeat(_Item):
+    dtma_version: str = Field(max_length=64)
+    system_status: dict[str, Any]
+    tool_statuses: list[dict[str, Any]] = Field(max_length=MAX_ITEMS)
+    boot_id: str | None = Field(default=None, min_length=1, max_length=128)
+    seq: int | None = Field(default=None, ge=0, le=2**62)
+
+
+_HEARTBEAT_FIELDS = frozenset(Heartbeat.model_fields)
+
+
+def _field_error(exc: ValidationError, prefix: str = "") -> ApiError:
+    return from_validation(exc, prefix, code="invalid_heartbeat")
+
+
+def _port_json(port: Port) -> dict[str, Any]:
+    """`port.model_dump(exclude_none=True)`; without extra fields (always, from a real DTMA) the
+    declared scalar fields are copied directly, which is what model_dump does, minus its overhead."""
+    if port.__pydantic_extra__:
+        return port.model_dump(exclude_none=True)
+    return {k: v for k, v in port.__dict__.items() if v is not None}
+
+
+def container_observation(item: ContainerSummary) -> dict[str, Any]:
+    """One container summary as a reconciliation observation (also used for DTMA status reads).
+
+    `created` lets the database bind only containers created after the instance was recorded;
+    `exited`/`unexpected` let it read an exit as a stop only when one was asked for
+    (sql/migrations/0005_heartbeat.sql, `cp_reconcile_toolbox`).
+    """
+    names = [n.lstrip("/") for n in item.names]
+    target, message = lifecycle.observed_from_docker(item.state, item.status, names[0])
+    code = lifecycle.exit_code(item.status)
+    runtime = {"state": item.state, "status": item.status, "image": item.image, "exit_code": code,
+               "ports": [_port_json(p) for p in item.ports]}
+    observation: dict[str, Any] = {"names": names, "target": target, "message": message, "container_id": item.id,
+                                   "created": item.created, "runtime": runtime}
+    if item.state == "exited":
+        observation.update(exited=True, exit_code=code, unexpected=lifecycle.unexpected_exit(names[0], code))
+    return observation
+
+
+def _instance_observation(item: InstanceReport) -> dict[str, Any]:
+    name = item.instance_name_on_toolbox or str(item.account_tool_instance_id)
+    target, message = lifecycle.observed_from_report(item.status_on_toolbox, name)
+    runtime = {"reported_status": item.status_on_toolbox, **(item.runtime_details or {})}
+    return {"id": str(item.account_tool_instance_id), "target": target, "message": message, "runtime": runtime}
+
+
+def build_report(body: Any) -> dict[str, Any]:
+    """Validate a heartbeat body and turn it into `cp_ingest_heartbeat`'s report (see the SQL)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_heartbeat", "body: must be a JSON object")
+    try:
+        beat = Heartbeat.model_validate(body)
+    except ValidationError as exc:
+        raise _field_error(exc) from None
+    containers, instances, docker_error = [], [], None
+    for index, raw in enumerate(beat.tool_statuses):
+        where = f"tool_statuses[{index}]"
+        try:
+            if "account_tool_instance_id" in raw:
+                instances.append(_instance_observation(InstanceReport.model_validate(raw)))
+            elif "names" in raw or "state" in raw:
+                containers.append(container_observation(ContainerSummary.model_validate(raw)))
+            elif "error" in raw:
+                docker_error = str(raw["error"])[:500]
+            else:
+                raise ApiError(400, "invalid_heartbeat",
+                               f"{where}: neither a container summary (names, state) nor an instance status "
+                               "(account_tool_instance_id, status_on_toolbox)", {"field": where})
+        except ValidationError as exc:
+            raise _field_error(exc, where + ".") from None
+    known = _HEARTBEAT_FIELDS
+    return {
+        "dtma_version": beat.dtma_version,
+        "system_status": beat.system_status,
+        "boot_id": beat.boot_id,
+        "seq": beat.seq if beat.boot_id is not None else None,
+        # The real DTMA lists every container on the engine, its own included, so a
+        # container-format beat (or an empty one) is the whole truth about the toolbox.
+        "full_list": not instances,
+        "docker_error": docker_error,
+        "extra": {k: v for k, v in body.items() if k not in known},
+        "containers": containers,
+        "instances": instances,
+    }
+
+
+def _summary(item: Any) -> ContainerSummary | None:
+    """A /tools/status item as the heartbeat's container summary, or None when unusable.
+
+    Docker's raw port keys (`IP`, `PrivatePort`, ...) become the heartbeat's snake_case ones and
+    `status` (the Docker *state* here) becomes `state`; the read carries no status text, so no
+    exit code either.
+    """
+    if not isinstance(item, dict) or not isinstance(item.get("instance_name_on_toolbox"), str):
+        return None
+    raw_ports = item.get("ports") if isinstance(item.get("ports"), list) else []
+    ports = [{"ip": p.get("IP"), "private_port": p.get("PrivatePort"), "public_port": p.get("PublicPort"),
+              "type": p.get("Type")} for p in raw_ports if isinstance(p, dict)]
+    created = item.get("created")
+    try:
+        return ContainerSummary.model_validate({
+            "id": str(item.get("container_id") or ""), "names": [item["instance_name_on_toolbox"]],
+            "image": item.get("image") or "", "state": item.get("status") or "", "status": "",
+            "created": created if isinstance(created, int | float) and not isinstance(created, bool) else None,
+            "ports": ports})
+    except ValidationError:
+        return None
+
+
+def report_from_tool_status(answer: dict[str, Any]) -> dict[str, Any]:
+    """`GET /tools/status` as a reconciliation report (the heartbeat's shape, containers only).
+
+    Each item also says which instance id the agent associates with the container
+    (`agent_instance_id`, null when it does not manage it: after a restart it forgets them all).
+    """
+    containers = []
+    for item in answer["tool_instances"]:
+        summary = _summary(item)
+        if summary is None:
+            continue
+        observation = container_observation(summary)
+        managed = item.get("account_tool_instance_id")
+        observation["agent_instance_id"] = managed if isinstance(managed, str) and managed else None
+        containers.append(observation)
+    # Absences are never counted for a DTMA read (cp_reconcile_toolbox); full_list says so too.
+    return {"containers": containers, "instances": [], "full_list": False, "docker_error": None}

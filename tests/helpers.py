@@ -35,6 +35,15 @@ def last_command(pg: psycopg.Connection, instance_id: str) -> dict[str, Any]:
     return {"action": row[0], "status": row[1], "outcome": row[2] or {}, "attempts": row[3]}
 
 
+def transition(conn: psycopg.Connection, instance_id: str, to: str, source: str, message: str) -> dict[str, Any]:
+    """Apply one transition through the state machine's own function, as the use cases' SQL does
+    (tests of the table itself; the RPCs the functions call are tested through the functions)."""
+    return conn.execute(
+        "select to_jsonb(public.cp_apply_instance_transition(i, %s::public.account_tool_installation_status_enum, "
+        "%s::public.instance_event_source_enum, %s)) from public.account_tool_instances i where i.id = %s",
+        (to, source, message, instance_id)).fetchone()[0]
+
+
 def server_row(pg: psycopg.Connection, instance_id: str) -> tuple[str, str | None]:
     row = pg.execute("select status_on_toolbox::text, instance_error_message from account_tool_instances "
                      "where id = %s", (instance_id,)).fetchone()

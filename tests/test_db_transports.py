@@ -105,13 +105,21 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return getattr(exc, "sqlstate", None)
 
 
-# --- cp_transition_instance ------------------------------------------------------------------------
+# --- an RPC with a row lock, a transition and its event (cp_begin_action) ----------------------------
 
-def test_transition_returns_the_instance_json_and_writes_one_event(db: Database, factory: Factory,
-                                                                   pg: psycopg.Connection) -> None:
-    instance = factory.instance(factory.toolbox(), status="running")
-    row = db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                  p_message="stop requested")
+STOP = {"running": "stopping"}
+
+
+def begin(db: Database, instance: Any, user: Any, plan: Any = None, action: str = "stop") -> Any:
+    return db.call("cp_begin_action", p_user_id=user, p_instance_id=instance, p_action=action,
+                   p_plan=STOP if plan is None else plan, p_message=f"{action} requested", p_allow_internal=True)
+
+
+def test_an_action_returns_the_instance_json_and_writes_one_event(db: Database, factory: Factory,
+                                                                  pg: psycopg.Connection) -> None:
+    box = factory.toolbox()
+    instance = factory.instance(box, status="running")
+    row = begin(db, instance, box.user_id)["instance"]
     stored = pg.execute("select to_jsonb(i) from public.account_tool_instances i where id = %s",
                         (instance,)).fetchone()[0]
     assert row == stored  # the JSON the function built, unchanged by either transport
@@ -122,21 +130,19 @@ def test_transition_returns_the_instance_json_and_writes_one_event(db: Database,
 def test_uuid_objects_and_owner_scope_are_accepted(db: Database, factory: Factory) -> None:
     toolbox = factory.toolbox()
     instance = factory.instance(toolbox, status="stopped")
-    row = db.call("cp_transition_instance", p_instance_id=uuid.UUID(instance), p_to="starting",
-                  p_source="api", p_message="start", p_user_id=uuid.UUID(toolbox.user_id))
-    assert row["status_on_toolbox"] == "starting"
+    row = begin(db, uuid.UUID(instance), uuid.UUID(toolbox.user_id), {"stopped": "starting"}, "start")
+    assert row["instance"]["status_on_toolbox"] == "starting" and row["previous_status"] == "stopped"
 
 
-def test_refused_transition_is_a_409_with_the_sql_message_and_json_details(db: Database,
-                                                                           factory: Factory) -> None:
-    instance = factory.instance(factory.toolbox(), status="stopped", name="mcp-refused")
+def test_refused_action_is_a_409_with_the_sql_message_and_json_details(db: Database, factory: Factory) -> None:
+    box = factory.toolbox()
+    instance = factory.instance(box, status="stopped", name="mcp-refused")
     with pytest.raises(DomainError) as caught:
-        db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                p_message="x")
+        begin(db, instance, box.user_id)
     error = caught.value
     assert (error.status, error.code, error.sqlstate) == (409, "conflict", "MC409")
-    assert error.message == "instance mcp-refused is stopped; api cannot move it to stopping"
-    assert error.details == {"status": "stopped", "requested": "stopping", "source": "api"}
+    assert error.message == "cannot stop mcp-refused while it is stopped"
+    assert error.details == {"status": "stopped", "action": "stop"}
     assert error.constraint is None
     assert factory.status_of(instance) == "stopped"
     assert factory.events(instance) == []
@@ -144,47 +150,30 @@ def test_refused_transition_is_a_409_with_the_sql_message_and_json_details(db: D
 
 @pytest.mark.parametrize("whose", ["missing", "someone else's"])
 def test_missing_or_foreign_instance_is_the_same_404(db: Database, factory: Factory, whose: str) -> None:
-    if whose == "missing":
-        instance, user = str(uuid.uuid4()), None
-    else:
-        instance, user = factory.instance(factory.toolbox(), status="running"), factory.user()
+    instance = str(uuid.uuid4()) if whose == "missing" else factory.instance(factory.toolbox(), status="running")
     with pytest.raises(DomainError) as caught:
-        db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                p_message="x", p_user_id=user)
+        begin(db, instance, factory.user())
     assert (caught.value.status, caught.value.code, caught.value.sqlstate) == (404, "not_found", "MC404")
-    assert caught.value.message == "instance not found"
+    assert caught.value.message == "MCP server not found"
     assert caught.value.details == {"id": instance}
 
 
-@pytest.mark.parametrize("expected", [["running"], ["error", "running"], ("running",)], ids=repr)
-def test_expected_list_travels_as_jsonb_and_guards(db: Database, factory: Factory, expected: Any) -> None:
-    instance = factory.instance(factory.toolbox(), status="running")
-    row = db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                  p_message="x", p_expected=expected)
-    assert row["status_on_toolbox"] == "stopping"
+@pytest.mark.parametrize("plan", [STOP, {"running": "stopping", "stopped": "starting"}], ids=repr)
+def test_a_plan_travels_as_jsonb_and_guards(db: Database, factory: Factory, plan: Any) -> None:
+    box = factory.toolbox()
+    instance = factory.instance(box, status="running")
+    assert begin(db, instance, box.user_id, plan)["instance"]["status_on_toolbox"] == "stopping"
 
 
-def test_expected_list_refusal_names_every_expected_status(db: Database, factory: Factory) -> None:
-    instance = factory.instance(factory.toolbox(), status="stopped", name="mcp-stale")
-    with pytest.raises(DomainError) as caught:
-        db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                p_message="x", p_expected=["running", "error"])
-    assert caught.value.status == 409
-    assert caught.value.message == "instance mcp-stale is stopped, not running or error"
-    assert caught.value.details == {"status": "stopped", "expected": ["running", "error"]}
-    assert factory.events(instance) == []
-
-
-@pytest.mark.parametrize(("params", "fragment"), [
-    ({"p_instance_id": "not-a-uuid", "p_to": "stopping"}, "uuid"),
-    ({"p_instance_id": str(uuid.uuid4()), "p_to": "flying"}, "flying"),
+@pytest.mark.parametrize(("instance", "plan", "fragment"), [
+    ("not-a-uuid", STOP, "uuid"),
+    (None, {"running": "flying"}, "flying"),
 ], ids=["bad-uuid", "bad-enum"])
-def test_malformed_input_is_a_400(db: Database, factory: Factory, params: dict[str, str],
-                                  fragment: str) -> None:
-    if params["p_to"] == "flying":
-        params = {**params, "p_instance_id": factory.instance(factory.toolbox(), status="running")}
+def test_malformed_input_is_a_400(db: Database, factory: Factory, instance: Any, plan: Any, fragment: str) -> None:
+    box = factory.toolbox()
+    instance = instance or factory.instance(box, status="running")
     with pytest.raises(DomainError) as caught:
-        db.call("cp_transition_instance", p_source="api", p_message="x", **params)
+        begin(db, instance, box.user_id, plan)
     error = caught.value
     assert (error.status, error.code, error.sqlstate) == (400, "invalid_request", "22P02")
     assert fragment in error.message
@@ -307,9 +296,9 @@ BAD_CALLS = [
     ("drop_table", {}),
     ("cp_x; drop table users", {}),
     ("CP_UPPER", {}),
-    ("cp_transition_instance", {"instance_id": "x"}),
-    ("cp_transition_instance", {"p_x => 1); --": "x"}),
-    ("cp_transition_instance", {"P_TO": "x"}),
+    ("cp_begin_action", {"instance_id": "x"}),
+    ("cp_begin_action", {"p_x => 1); --": "x"}),
+    ("cp_begin_action", {"P_ACTION": "x"}),
 ]
 
 
@@ -356,8 +345,8 @@ def unreachable_db(request: pytest.FixtureRequest, closed_port: int, api: Postgr
 def test_unreachable_database_is_503_with_retry_after(unreachable_db: Database) -> None:
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as caught:
-        unreachable_db.call("cp_transition_instance", p_instance_id=str(uuid.uuid4()), p_to="stopping",
-                            p_source="api", p_message="x")
+        unreachable_db.call("cp_settle", p_instance_id=str(uuid.uuid4()), p_expected="running", p_to="stopping",
+                            p_message="x")
     assert caught.value.status == 503
     assert int(caught.value.headers["Retry-After"]) > 0
     assert caught.value.body()["error"]["code"] == "unavailable"
@@ -369,15 +358,14 @@ def test_unreachable_database_is_503_with_retry_after(unreachable_db: Database) 
 def test_what_supabase_py_sends_to_the_standin(supabase_db: SupabaseDatabase, api: PostgrestStandin,
                                                factory: Factory) -> None:
     instance = factory.instance(factory.toolbox(), status="running")
-    supabase_db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                     p_message="x", p_expected=["running"])
-    supabase_db.call("cp_transition_instance", p_instance_id=instance, p_to="stopped", p_source="api",
-                     p_message="y")
+    supabase_db.call("cp_settle", p_instance_id=instance, p_expected="running", p_to="running", p_message="x",
+                     p_runtime={"state": "running", "ports": []})
+    supabase_db.call("cp_settle", p_instance_id=instance, p_expected="running", p_to="running", p_message="y")
     first, second = api.requests
     assert (first.method, first.path, first.status, first.key_ok) == (
-        "POST", "/rest/v1/rpc/cp_transition_instance", 200, True)
-    assert first.body == {"p_instance_id": instance, "p_to": "stopping", "p_source": "api", "p_message": "x",
-                          "p_expected": ["running"]}
+        "POST", "/rest/v1/rpc/cp_settle", 200, True)
+    assert first.body == {"p_instance_id": instance, "p_expected": "running", "p_to": "running", "p_message": "x",
+                          "p_runtime": {"state": "running", "ports": []}}
     assert first.headers["content-profile"] == "public"
     assert first.headers["content-type"] == "application/json"
     assert first.headers["apikey"] == first.headers["authorization"] == "<redacted>"
@@ -389,8 +377,7 @@ def test_what_supabase_py_sends_to_the_standin(supabase_db: SupabaseDatabase, ap
 def test_a_wrong_service_key_is_a_server_fault_not_a_user_error(api: PostgrestStandin) -> None:
     db = supabase_database(api.url, key="sb_secret_wrong")
     with pytest.raises(APIError) as caught:
-        db.call("cp_transition_instance", p_instance_id=str(uuid.uuid4()), p_to="stopping", p_source="api",
-                p_message="x")
+        db.call("cp_settle", p_instance_id=str(uuid.uuid4()), p_expected="running", p_to="stopping", p_message="x")
     assert not isinstance(caught.value, ApiError)
     assert caught.value.message == "Invalid API key"
     assert [(r.status, r.key_ok) for r in api.requests] == [(401, False)]
@@ -400,22 +387,22 @@ def test_supabase_py_rpc_request_on_the_wire() -> None:
     """The exact request behind `db.call(...)`, intercepted with respx (supabase-py sends through
     httpx; the `responses` library only patches `requests` and would not see it)."""
     base = "https://project-ref.supabase.co"
-    instance = uuid.uuid4()
+    instance, user = uuid.uuid4(), uuid.uuid4()
     with respx.mock(assert_all_mocked=True, assert_all_called=True) as router:
-        route = router.post(f"{base}/rest/v1/rpc/cp_transition_instance").mock(
+        route = router.post(f"{base}/rest/v1/rpc/cp_begin_action").mock(
             return_value=httpx.Response(200, json={"id": str(instance), "status_on_toolbox": "stopping"}))
         db = supabase_database(base + "/")  # a trailing slash is stripped by the settings
-        result = db.call("cp_transition_instance", p_instance_id=instance, p_to="stopping", p_source="api",
-                         p_message="stop requested", p_expected=("running",))
+        result = db.call("cp_begin_action", p_user_id=user, p_instance_id=instance, p_action="stop",
+                         p_plan={"running": "stopping"}, p_message="stop requested")
         assert len(router.calls) == 1  # no auth/session request, no retry (respx forgets calls on exit)
         request = route.calls.last.request
     assert result == {"id": str(instance), "status_on_toolbox": "stopping"}
     assert request.method == "POST"
-    assert str(request.url) == f"{base}/rest/v1/rpc/cp_transition_instance"  # no query string
-    # Exactly the named parameters: UUIDs as strings, tuples as JSON arrays.
+    assert str(request.url) == f"{base}/rest/v1/rpc/cp_begin_action"  # no query string
+    # Exactly the named parameters: UUIDs as strings, dicts as JSON objects.
     assert json.loads(request.content) == {
-        "p_instance_id": str(instance), "p_to": "stopping", "p_source": "api", "p_message": "stop requested",
-        "p_expected": ["running"]}
+        "p_user_id": str(user), "p_instance_id": str(instance), "p_action": "stop", "p_plan": {"running": "stopping"},
+        "p_message": "stop requested"}
     headers = request.headers
     # supabase-py 2.34 (Client._get_auth_headers) sends the key twice: as `apiKey` (that casing;
     # header names are case-insensitive, Supabase's gateway reads it as `apikey`) and as a Bearer
@@ -459,13 +446,13 @@ def test_standin_wants_apikey_and_bearer_both_equal_to_the_key(api: PostgrestSta
 
 @pytest.mark.parametrize(("path", "body", "method", "status", "code"), [
     ("/rest/v1/rpc/cp_no_such_function", {}, "POST", 404, "PGRST202"),
-    ("/rest/v1/rpc/cp_transition_instance", {"p_nope": 1}, "POST", 404, "PGRST202"),  # unknown argument
-    ("/rest/v1/rpc/cp_transition_instance", {"p_to": "x"}, "POST", 404, "PGRST202"),  # required one missing
-    ("/rest/v1/rpc/cp_transition_instance", {"p_to; drop": 1}, "POST", 404, "PGRST202"),
+    ("/rest/v1/rpc/cp_settle", {"p_nope": 1}, "POST", 404, "PGRST202"),  # unknown argument
+    ("/rest/v1/rpc/cp_settle", {"p_to": "x"}, "POST", 404, "PGRST202"),  # required one missing
+    ("/rest/v1/rpc/cp_settle", {"p_to; drop": 1}, "POST", 404, "PGRST202"),
     ("/rest/v1/rpc/cp_x;drop", {}, "POST", 404, "PGRST125"),
     ("/rest/v1/instances", {}, "POST", 404, "PGRST125"),
-    ("/rest/v1/rpc/cp_transition_instance", [1, 2], "POST", 400, "PGRST102"),
-    ("/rest/v1/rpc/cp_transition_instance", {}, "GET", 405, "PGRST101"),
+    ("/rest/v1/rpc/cp_settle", [1, 2], "POST", 400, "PGRST102"),
+    ("/rest/v1/rpc/cp_settle", {}, "GET", 405, "PGRST101"),
 ])
 def test_standin_refuses_what_it_does_not_implement(api: PostgrestStandin, path: str, body: Any, method: str,
                                                    status: int, code: str) -> None:
@@ -474,14 +461,16 @@ def test_standin_refuses_what_it_does_not_implement(api: PostgrestStandin, path:
 
 
 def test_standin_answers_postgres_errors_like_postgrest(api: PostgrestStandin, factory: Factory) -> None:
-    instance = factory.instance(factory.toolbox(), status="stopped")
-    response = _post(api, "/rest/v1/rpc/cp_transition_instance",
-                     {"p_instance_id": instance, "p_to": "stopping", "p_source": "api", "p_message": "x"})
+    box = factory.toolbox()
+    instance = factory.instance(box, status="stopped")
+    response = _post(api, "/rest/v1/rpc/cp_begin_action",
+                     {"p_user_id": box.user_id, "p_instance_id": instance, "p_action": "stop",
+                      "p_plan": {"running": "stopping"}, "p_message": "x", "p_allow_internal": True})
     assert response.status_code == 400  # MC409 is not in PostgREST's table: "other" -> 400
     body = response.json()
     assert set(body) == {"code", "message", "details", "hint"}
     assert body["code"] == "MC409" and body["hint"] is None
-    assert json.loads(body["details"]) == {"status": "stopped", "requested": "stopping", "source": "api"}
+    assert json.loads(body["details"]) == {"status": "stopped", "action": "stop"}
 
 
 @pytest.mark.parametrize(("sqlstate", "status"), [

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from tests.factories import Factory
+from tests.helpers import transition
 
 
 @contextmanager
@@ -28,9 +29,7 @@ def two_tenants(factory: Factory) -> dict[str, str]:
     box_a, box_b = factory.toolbox(a), factory.toolbox(b)
     inst_a, inst_b = factory.instance(box_a), factory.instance(box_b)
     for inst in (inst_a, inst_b):
-        factory.conn.execute(
-            "select public.cp_transition_instance(p_instance_id => %s, p_to => 'stopping', p_source => 'api', "
-            "p_message => 'stop')", (inst,))
+        transition(factory.conn, inst, "stopping", "api", "stop")
     return {"a": a, "b": b, "box_a": box_a.id, "box_b": box_b.id, "inst_a": inst_a, "inst_b": inst_b}
 
 
@@ -131,8 +130,8 @@ def test_owner_cannot_insert_or_delete(pg: psycopg.Connection, two_tenants: dict
 def test_api_roles_cannot_call_the_backend_rpcs(pg: psycopg.Connection, two_tenants: dict[str, str],
                                                 role: str) -> None:
     with as_role(pg, role, two_tenants["a"]) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        conn.execute("select public.cp_transition_instance(p_instance_id => %s, p_to => 'stopped', "
-                      "p_source => 'api', p_message => 'x')", (two_tenants["inst_a"],))
+        conn.execute("select public.cp_settle(p_instance_id => %s, p_expected => 'stopping', p_to => 'stopped', "
+                     "p_message => 'x')", (two_tenants["inst_a"],))
 
 
 def test_anon_sees_nothing(pg: psycopg.Connection, two_tenants: dict[str, str]) -> None:
@@ -148,8 +147,8 @@ def test_service_role_does_everything(pg: psycopg.Connection, two_tenants: dict[
         assert conn.execute("select count(*) from account_tool_environments").fetchone()[0] == 2
         assert conn.execute("update account_tool_environments set status = 'unresponsive'").rowcount == 2
         assert conn.execute("select dtma_token_sha256 from account_tool_environments limit 1").fetchone()[0]
-        row = conn.execute("select public.cp_transition_instance(p_instance_id => %s, p_to => 'stopped', "
-                           "p_source => 'api', p_message => 'stopped')", (t["inst_b"],)).fetchone()[0]
+        row = conn.execute("select public.cp_settle(p_instance_id => %s, p_expected => 'stopping', p_to => 'stopped', "
+                           "p_message => 'stopped')", (t["inst_b"],)).fetchone()[0]
         assert row["status_on_toolbox"] == "stopped"
 
 

@@ -37,7 +37,7 @@ from shared.http import Call, Reply
 from shared.lifecycle import Status
 from shared.logging import redact, request_secrets
 from shared.outcomes import Outcome, from_dtma_error
-from shared.runtime import Runtime
+from shared.usecases_ports import Ports
 
 log = logging.getLogger("mcp.commands")
 
@@ -78,7 +78,7 @@ def _outcome_of_answer(answer: dict[str, Any], name: str) -> tuple[Outcome, str 
     return Outcome(lifecycle.Status.ERROR, message, 502, "container_exited"), container_id, runtime
 
 
-def _deploy(rt: Runtime, claim: dict[str, Any]) -> Outcome:
+def _deploy(rt: Ports, claim: dict[str, Any]) -> Outcome:
     """`POST /tools`, held as long as the pull takes, and what its answer means."""
     instance, toolbox, command = claim["instance"], claim["toolbox"], claim["command"]
     name = instance["instance_name_on_toolbox"]
@@ -109,7 +109,7 @@ def _deploy(rt: Runtime, claim: dict[str, Any]) -> Outcome:
     return outcome
 
 
-def _after_retry(rt: Runtime, target: Target, instance: dict[str, Any]) -> Outcome:
+def _after_retry(rt: Ports, target: Target, instance: dict[str, Any]) -> Outcome:
     """A redelivered deploy whose first attempt reached the agent: what runs there now?"""
     name = instance["instance_name_on_toolbox"]
     try:
@@ -141,7 +141,7 @@ class _Result:
 class _Steps:
     """One action's conversation with the DTMA, recording each outcome as it comes."""
 
-    def __init__(self, rt: Runtime, target: Target | None, claim: dict[str, Any]) -> None:
+    def __init__(self, rt: Ports, target: Target | None, claim: dict[str, Any]) -> None:
         self.rt = rt
         self.target: Target = target  # type: ignore[assignment]  # None only to revert at once
         self.instance = claim["instance"]
@@ -308,7 +308,7 @@ def _run(steps: _Steps, action: str, recorded: Status) -> _Result:
     return steps.confirm_running()
 
 
-def _action(rt: Runtime, claim: dict[str, Any]) -> _Result:
+def _action(rt: Ports, claim: dict[str, Any]) -> _Result:
     command = claim["command"]
     try:
         target = rt.dtma.target(claim["toolbox"])
@@ -337,7 +337,7 @@ def _record(outcome: Outcome | None, result: _Result | None = None) -> tuple[str
     return ("failed" if failed else "done"), record
 
 
-def execute(rt: Runtime, command_id: str) -> dict[str, Any]:
+def execute(rt: Ports, command_id: str) -> dict[str, Any]:
     """One delivery of one command; the answer is what the worker says to the queue."""
     settings = rt.settings
     claim = rt.db.call("cp_claim_command", p_command_id=command_id,
@@ -360,7 +360,7 @@ def execute(rt: Runtime, command_id: str) -> dict[str, Any]:
     return {"state": status, "action": action, **record}
 
 
-def handle(call: Call, rt: Runtime) -> Reply:
+def handle(call: Call, rt: Ports) -> Reply:
     """The worker's HTTP face: 200 when the delivery needs no repeat, 429 when it must come again."""
     body = call.json()
     raw = body.get("command_id") if isinstance(body, dict) else None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 
-from shared.runtime import Runtime
 from shared.tasks import EnqueueFailed
+from shared.usecases_ports import Ports
 
 log = logging.getLogger("mcp.tasks")
 
 
-def send(rt: Runtime, command_id: str, attempt: int = 1) -> bool:
+def send(rt: Ports, command_id: str, attempt: int = 1) -> bool:
     """Enqueue one command (the record already counts it as enqueued; only a failure, or a
     re-enqueue by the sweep, is written back); True if the queue took it."""
     try:

@@ -8,7 +8,6 @@ failing on the first request that happens to need the value.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -263,9 +262,3 @@ def load_settings(function: str | None = None, environ: dict[str, str] | None = 
     if problems:
         raise ConfigError(f"{function} cannot start: " + "; ".join(problems))
     return settings
-
-
-@functools.cache
-def get_settings(function: str | None = None) -> Settings:
-    """The process's settings (cached: functions-framework may re-import main.py)."""
-    return load_settings(function)

@@ -23,19 +23,19 @@ from shared.errors import ApiError, invalid
 from shared.http import Call, Reply
 from shared.logging import request_secrets
 from shared.models import DeployRequest, parse
-from shared.runtime import Runtime
+from shared.usecases_ports import Ports
 
 log = logging.getLogger("mcp.deploy")
 
 
-def _check_ports(request: DeployRequest, rt: Runtime) -> None:
+def _check_ports(request: DeployRequest, rt: Ports) -> None:
     """Ports below 1024 are a setting's business; the agent's own port is refused where the
     toolbox's port is known, in `cp_record_deploy`."""
     if request.host_port is not None and request.host_port < 1024 and not rt.settings.ALLOW_PRIVILEGED_PORTS:
         raise invalid("host_port", "ports below 1024 are not allowed")
 
 
-def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
+def deploy(rt: Ports, user_id: str, request: DeployRequest) -> Reply:
     settings = rt.settings
     low, high = settings.host_port_range
     command_id = str(uuid.uuid4())
@@ -53,7 +53,7 @@ def deploy(rt: Runtime, user_id: str, request: DeployRequest) -> Reply:
     return Reply(202, view.read_server(rt, user_id, recorded["instance"]["id"]))
 
 
-def handle(call: Call, rt: Runtime) -> Reply:
+def handle(call: Call, rt: Ports) -> Reply:
     user = authenticate(call.header("Authorization"), rt.verifier)
     if call.path not in ("", "/"):
         raise ApiError(404, "not_found", f"no such route: {call.method} {call.path}")

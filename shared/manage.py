@@ -28,7 +28,7 @@ from shared.auth import authenticate
 from shared.errors import ApiError, invalid
 from shared.http import Call, Reply
 from shared.models import ActionRequest, parse
-from shared.runtime import Runtime
+from shared.usecases_ports import Ports
 
 _PATH = re.compile(r"^/(?P<id>[0-9a-fA-F-]{36})(?:/(?P<action>start|stop|restart|remove|delete))?/?$")
 _TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no", ""})
@@ -76,7 +76,7 @@ def _checked(request: _Request) -> _Request:
     return request
 
 
-def _force_remove(rt: Runtime, instance: dict[str, Any], command_id: str) -> Reply:
+def _force_remove(rt: Ports, instance: dict[str, Any], command_id: str) -> Reply:
     name = instance["instance_name_on_toolbox"]
     left = (f"the toolbox was not asked to remove container {name}; if it still exists there, run docker rm -f {name} "
             "on the droplet")
@@ -86,7 +86,7 @@ def _force_remove(rt: Runtime, instance: dict[str, Any], command_id: str) -> Rep
     return Reply(200, {"id": instance["id"], "name": name, "status": "removed", "left_on_toolbox": left})
 
 
-def act(rt: Runtime, user_id: str, request: _Request) -> Reply:
+def act(rt: Ports, user_id: str, request: _Request) -> Reply:
     action = lifecycle.ACTIONS[request.action]
     command_id = str(uuid.uuid4())
     begun = rt.db.call("cp_begin_action_command", p_user_id=user_id, p_instance_id=request.instance_id,
@@ -110,7 +110,7 @@ def act(rt: Runtime, user_id: str, request: _Request) -> Reply:
                    {"server": server})
 
 
-def _wait(rt: Runtime, command_id: str, budget: float) -> dict[str, Any]:
+def _wait(rt: Ports, command_id: str, budget: float) -> dict[str, Any]:
     """The command's state once it has ended, or as it is when the budget runs out."""
     deadline = time.monotonic() + budget
     pause = 0.01
@@ -122,7 +122,7 @@ def _wait(rt: Runtime, command_id: str, budget: float) -> dict[str, Any]:
         pause = min(pause * 2, 0.1)
 
 
-def handle(call: Call, rt: Runtime) -> Reply:
+def handle(call: Call, rt: Ports) -> Reply:
     user = authenticate(call.header("Authorization"), rt.verifier)
     request = _route(call)
     call.log_fields.update({"user_id": user.user_id, "instance_id": request.instance_id, "action": request.action})

@@ -23,7 +23,7 @@ from shared import commands_queue
 from shared.config import Settings
 from shared.db import Database
 from shared.http import Call, Reply
-from shared.runtime import Runtime
+from shared.usecases_ports import Ports
 
 log = logging.getLogger("mcp.sweep")
 
@@ -66,7 +66,7 @@ COMMAND_REQUEUE_SECONDS = 300
 COMMAND_GIVE_UP_SECONDS = 3600
 
 
-def requeue_commands(rt: Runtime) -> dict[str, int]:
+def requeue_commands(rt: Ports) -> dict[str, int]:
     """Commands whose enqueue failed or that the queue lost go to the queue again (the outbox's
     other half: shared/commands_queue.py); commands that never ran are failed with a reason."""
     found = rt.db.call("cp_commands_to_requeue", p_requeue_after_seconds=COMMAND_REQUEUE_SECONDS,
@@ -78,7 +78,7 @@ def requeue_commands(rt: Runtime) -> dict[str, int]:
             "commands_given_up": found["given_up"]}
 
 
-def handle(call: Call, rt: Runtime) -> Reply:
+def handle(call: Call, rt: Ports) -> Reply:
     """One sweep; 200 with the counts, including when the guard tripped (the sweep did its job)."""
     counts = sweep_once(rt.db, call.settings)
     counts.update(requeue_commands(rt))

@@ -54,9 +54,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from devstack.closing import StartStop
 
 log = logging.getLogger("devstack.cloud_tasks")
 
@@ -90,6 +91,7 @@ _RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection"
 
 PENDING, DONE, FAILED, DELETED = "pending", "done", "failed", "deleted"
 TIMEOUT, CONNECTION_ERROR, REFUSED = "timeout", "connection error", "refused: not a loopback address"
+
 
 
 class ApiError(Exception):
@@ -405,7 +407,7 @@ class _Attempt:
     thread: threading.Thread | None = None
 
 
-class CloudTasksEmulator:
+class CloudTasksEmulator(StartStop):
     """The Cloud Tasks v2 REST API on a loopback port, delivering its tasks itself.
 
     Use as a context manager or with start()/stop(); `url` is the base URL to give a client
@@ -498,14 +500,6 @@ class CloudTasksEmulator:
         for attempt in attempts:
             if attempt.thread is not None and attempt.thread.is_alive():
                 attempt.thread.join(max(0.0, end - time.monotonic()))
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- control ------------------------------------------------------------------------------
 

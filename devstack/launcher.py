@@ -16,15 +16,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
+from devstack.closing import StartStop
 from devstack.database import live_handles, postmaster_pid
 from devstack.seed import read_env_file
 from devstack.stack import READY, ROOT
 
 
-class StackProcess:
+class StackProcess(StartStop):
     """`python -m devstack.stack <args>` with its own data and state directories."""
 
     def __init__(self, *args: str, data_dir: Path, state_dir: Path, env: dict[str, str] | None = None) -> None:
@@ -116,10 +116,3 @@ class StackProcess:
             while postmaster_pid(self.data_dir) is not None and time.monotonic() < deadline:
                 time.sleep(0.1)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -1,10 +1,12 @@
-"""Build `docs/openapi.json` (OpenAPI 3.1) from the code that defines the API.
+"""Build `docs/openapi.json` (OpenAPI 3.1) from the code that defines the API, and check answers against it.
 
 Request bodies come from the pydantic models the functions validate with (`shared.models`,
-`shared.status_query`, `shared.reports`), so the document cannot drift from what is accepted.
-Answers are described here, next to each other, because the functions render plain dicts; the
-local stack's tests and `--demo` check real answers against them (`devstack.schema_check`), so
-a field added to an answer without being documented fails a test.
+`shared.status_query`, `shared.reports`), and the server every user-facing function answers
+(`Server`, `ToolboxSummary`, `Progress`) from the types `shared.view` builds it with
+(`shared.view_models`), so the document cannot drift from what is accepted or answered. The
+other answers are described here, next to each other; the local stack's tests and `--demo` check
+real answers against the document (`check_response`, with the `jsonschema` library: OpenAPI 3.1
+schemas are JSON Schema 2020-12), so a field added to an answer without being documented fails.
 
 Usage: `python -m devstack.openapi` rewrites docs/openapi.json; `--check` exits 1 if the file
 is not what the code generates (CI).
@@ -15,16 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+from pydantic import AliasChoices, BaseModel, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from shared import lifecycle
 from shared.models import ActionRequest, DeployRequest
 from shared.reports import ContainerSummary, Heartbeat, InstanceReport
 from shared.status_query import MAX_LIMIT, StatusRequest
+from shared.view_models import ProgressEvent, ServerView, ToolboxSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "openapi.json"
@@ -67,6 +76,44 @@ def _model_schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, 
             if others and name in schema.get("properties", {}):
                 schema["properties"][name]["description"] = "Also accepted as: " + ", ".join(others) + "."
     return schema
+
+
+# The answer types of shared.view_models and the component each becomes, in document order.
+VIEW_COMPONENTS: dict[Any, str] = {ProgressEvent: "Progress", ToolboxSummary: "ToolboxSummary", ServerView: "Server"}
+
+
+class _Untitled(GenerateJsonSchema):
+    """pydantic's schema without the titles it derives from Python names (`ServerView` is `Server` here)."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def typed_dict_schema(self, schema: core_schema.TypedDictSchema) -> JsonSchemaValue:
+        generated = super().typed_dict_schema(schema)
+        generated.pop("title", None)
+        return generated
+
+
+def _renamed_refs(node: Any, names: dict[str, str]) -> Any:
+    """`node` with every `$ref` to a shared.view_models type pointing at its component."""
+    if isinstance(node, dict):
+        return {key: (f"#/components/schemas/{names[value]}" if key == "$ref" else _renamed_refs(value, names))
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_renamed_refs(item, names) for item in node]
+    return node
+
+
+def _view_schemas() -> dict[str, Any]:
+    """`Progress`, `ToolboxSummary` and `Server`, generated from the types `shared.view` builds the answer with."""
+    names = {kind.__name__: component for kind, component in VIEW_COMPONENTS.items()}
+    server = TypeAdapter(ServerView).json_schema(mode="serialization", ref_template="{model}",
+                                                 schema_generator=_Untitled)
+    found = {"ServerView": server, **server.pop("$defs", {})}
+    unnamed = sorted(set(found) - set(names))
+    if unnamed:
+        raise LookupError(f"shared.view_models types without a component name in VIEW_COMPONENTS: {unnamed}")
+    return {names[key]: _renamed_refs(found[key], names) for key in names}
 
 
 STRING = {"type": "string"}
@@ -117,83 +164,7 @@ def _schemas() -> dict[str, Any]:
         },
         "Every refusal has this shape. supabase-js raises it as FunctionsHttpError; the body is on `error.context`.",
     )
-    schemas["Progress"] = _strict(
-        {
-            "at": TIMESTAMP,
-            "from": _nullable(STRING),
-            "to": STRING,
-            "message": STRING,
-            "source": {"type": "string", "enum": [s.value for s in lifecycle.Source]},
-        }
-    )
-    schemas["ToolboxSummary"] = _strict(
-        {
-            "id": UUID,
-            "name": _nullable(STRING),
-            "region": _nullable(STRING),
-            "status": {
-                "type": "string",
-                "description": "Stored toolbox status (`active`, `unresponsive`, ...).",
-            },
-            "last_heartbeat_at": _nullable(TIMESTAMP),
-            "seconds_since_heartbeat": _nullable(COUNT),
-            "docker_healthy": {
-                "type": "boolean",
-                "description": "False when the toolbox's agent last said it cannot reach Docker.",
-            },
-            "agent_last_reached_at": _nullable(
-                {**TIMESTAMP, "description": "Last direct read of the agent that it answered (refresh=true)."}
-            ),
-        }
-    )
-    schemas["Server"] = _strict(
-        {
-            "id": UUID,
-            "name": {"type": "string", "description": "Container name on the toolbox."},
-            "toolbox": _ref("ToolboxSummary"),
-            "status": {
-                "type": "string",
-                "description": "Stored status: " + ", ".join(s.value for s in lifecycle.Status),
-            },
-            "effective_status": {
-                "type": "string",
-                "enum": [e.value for e in lifecycle.Effective],
-                "description": "What to show: `unknown` whenever the toolbox is silent or not "
-                "active, whatever is stored.",
-            },
-            "health": {"type": "string", "enum": ["healthy", "degraded", "unhealthy", "unknown"]},
-            "stale": {
-                "type": "boolean",
-                "description": "Nothing recent from the toolbox: its last heartbeat (and direct read) is older "
-                "than the threshold.",
-            },
-            "managed_by_agent": {
-                "type": "boolean",
-                "description": "False once the toolbox agent no longer manages the container (it restarted and "
-                "forgot it): start/stop are refused, removal removes the record only.",
-            },
-            "endpoint": _nullable({"type": "string", "description": "http://<toolbox ip>:<host port><path>"}),
-            "transport": _nullable({"type": "string", "enum": ["stdio", "sse", "streamable_http"]}),
-            "image": _nullable(STRING),
-            "error": _nullable({"type": "string", "description": "Why it failed or why it is unknown, actionable."}),
-            "progress": {
-                "type": "array",
-                "items": _ref("Progress"),
-                "maxItems": 5,
-                "description": "The last events, oldest first.",
-            },
-            "uptime_seconds": _nullable(COUNT),
-            "status_changed_at": TIMESTAMP,
-            "last_report_at": _nullable(TIMESTAMP),
-            "host_port": _nullable({"type": "integer"}),
-            "container_port": _nullable({"type": "integer"}),
-            "capabilities": _nullable({"type": "array", "items": STRING}),
-            "discovery_metadata": _nullable({"type": "object"}),
-            "created_at": TIMESTAMP,
-            "updated_at": TIMESTAMP,
-        },
-        "One MCP server as the web app shows it.",
-    )
+    schemas.update(_view_schemas())
     refresh = {
         "type": "object",
         "description": "mcp_status?refresh=true: per toolbox id, what its DTMA said.",
@@ -599,6 +570,82 @@ def build() -> dict[str, Any]:
             "responses": {f"E{code}": {"description": text, **error_body} for code, text in ERRORS.items()},
         },
     }
+
+
+# --- checking answers against the document -----------------------------------------------------
+
+DOCUMENT_URI = "urn:mcp-control-plane:openapi"  # where `#/components/...` of the document resolve
+
+
+class SchemaMismatch(ValueError):
+    """The answer is not what the document says; the message names each JSON path and rule."""
+
+
+def _pointer(*parts: str | int) -> str:
+    """A JSON pointer into the document (RFC 6901: `~` -> `~0`, `/` -> `~1`)."""
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+def _problem(error: ValidationError) -> str:
+    """Where and why, from the most specific cause (inside anyOf/oneOf, the branch that came closest)."""
+    cause = best_match([error]) if error.context else error
+    text = f"{cause.json_path}: {cause.message}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _registry(spec: Mapping[str, Any]) -> Registry:
+    """The document as the one resource `$ref`s resolve in."""
+    return Registry().with_resource(DOCUMENT_URI, Resource(contents=spec, specification=DRAFT202012))
+
+
+def validate(instance: Any, ref: str, spec: Mapping[str, Any]) -> None:
+    """Raise SchemaMismatch unless `instance` matches the schema at `ref` (`#/components/schemas/Error`, ...) of
+    the OpenAPI document `spec`.
+
+    Draft 2020-12 with every keyword it asserts: `additionalProperties: false` refuses undocumented
+    fields, `required` missing ones, and a null is accepted only where the schema allows `null`.
+    `format` is an annotation, as the specification says by default (not checked).
+    """
+    if not ref.startswith("#/"):
+        raise SchemaMismatch(f"only references into the document are supported, not {ref}")
+    validator = Draft202012Validator({"$ref": DOCUMENT_URI + ref}, registry=_registry(spec))
+    problems = sorted(validator.iter_errors(instance), key=lambda error: list(error.path))
+    if problems:
+        raise SchemaMismatch("; ".join(_problem(error) for error in problems[:10]))
+
+
+def _response_ref(spec: Mapping[str, Any], path: str, method: str, status: int) -> str | None:
+    """Where in `spec` the schema of this answer is; None when the document gives it no body.
+
+    Raises SchemaMismatch when the document does not list the path, method or status at all.
+    """
+    operation = spec.get("paths", {}).get(path, {}).get(method.lower())
+    if operation is None:
+        raise SchemaMismatch(f"{method.upper()} {path} is not documented")
+    responses = operation.get("responses", {})
+    code = next((key for key in (str(status), f"{str(status)[0]}XX", "default") if key in responses), None)
+    if code is None:
+        raise SchemaMismatch(f"{method.upper()} {path} does not document status {status}")
+    where, response = _pointer("paths", path, method.lower(), "responses", code), responses[code]
+    if "$ref" in response:  # `#/components/responses/E404`
+        where = response["$ref"].removeprefix("#")
+        response = _registry(spec).resolver().lookup(DOCUMENT_URI + response["$ref"]).contents
+    if "schema" not in response.get("content", {}).get(JSON, {}):
+        return None
+    return "#" + where + _pointer("content", JSON, "schema")
+
+
+def check_response(spec: Mapping[str, Any], path: str, method: str, status: int, body: Any) -> None:
+    """Raise SchemaMismatch unless `body` is what the document says `method path` answers with `status`."""
+    ref = _response_ref(spec, path, method, status)
+    if ref is None:
+        if body not in (None, b"", ""):
+            raise SchemaMismatch(f"{method.upper()} {path} -> {status} documents no body, got {str(body)[:60]!r}")
+        return
+    try:
+        validate(body, ref, spec)
+    except SchemaMismatch as exc:
+        raise SchemaMismatch(f"{method.upper()} {path} -> {status}: {exc}") from None
 
 
 def render() -> str:

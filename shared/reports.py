@@ -1,18 +1,13 @@
 """What a toolbox's agent reports, as observations the database reconciles.
 
-Python's part is to authenticate the request's shape, validate the payload and turn every
-`tool_statuses` item into an observation (which instance, which status it asks for, and why);
-the database's part (`cp_ingest_heartbeat`, sql/migrations/0005_heartbeat.sql) is to match,
-apply and record them in one round trip. Items come in two formats, detected per item:
-
-* instance format `{account_tool_instance_id, status_on_toolbox, ...}` (what the original
-  backend expected);
-* container format: the Docker container summaries the real DTMA sends today
-  (docs/real-agent.md), matched to the instance this service created on this toolbox: by
-  container id once known, else by name for a container created after the instance was recorded.
-
-An item `{"error": ...}` means the agent could not talk to Docker: the toolbox's Docker is
-recorded as unhealthy and no instance changes.
+Heartbeats and direct reads (`GET /tools/status`, for mcp_status?refresh=true) both come here:
+each `tool_statuses` item is validated and turned into an observation (which instance, the status
+it asks for, the sentence to record, what the container looks like), and the database's
+`cp_reconcile_toolbox` (sql/migrations/0005_heartbeat.sql) matches and applies them. Items come
+in two formats, detected per item: instance format `{account_tool_instance_id, status_on_toolbox}`
+(what the original backend expected), and container format, the Docker container summaries the
+real agent sends (docs/real-agent.md). An item `{"error": ...}` means the agent could not reach
+Docker.
 """
 
 from __future__ import annotations

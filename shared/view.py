@@ -1,4 +1,5 @@
-"""A server as the API shows it: deploy, manage and mcp_status all answer with this one shape.
+"""A server as the API shows it: deploy, manage and mcp_status all answer with this one shape
+(`shared.view_models.ServerView`, from which docs/openapi.json's `Server` is generated).
 
 The stored status says what the last report said; whether that is still true depends on how long
 ago the toolbox last reported (or last answered a direct read). So every server carries both:
@@ -15,6 +16,7 @@ from typing import Any
 from shared import lifecycle
 from shared.config import Settings
 from shared.usecases_ports import Ports
+from shared.view_models import ServerView
 
 
 def endpoint(ip: str | None, host_port: int | None, path: str | None) -> str | None:
@@ -107,8 +109,13 @@ def _truth(row: dict[str, Any], settings: Settings) -> _Truth:
     return _Truth(effective, stale, health, " ".join(notes) or None)
 
 
-def server_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """One server exactly as the API documents it (docs/api.md)."""
+def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
+    """One server exactly as the API documents it (docs/api.md; its type is the document's `Server`).
+
+    A plain dict typed by `ServerView`, not a pydantic model: this runs for every row of every
+    mcp_status page, and a model would cost several times as much for no check the tests do not
+    already make (shared/view_models.py).
+    """
     box = row["toolbox"]
     age = box["heartbeat_age_seconds"]
     truth = _truth(row, settings)
@@ -145,7 +152,7 @@ def server_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     }
 
 
-def read_server(ports: Ports, user_id: str, server_id: str) -> dict[str, Any]:
+def read_server(ports: Ports, user_id: str, server_id: str) -> ServerView:
     """One server exactly as mcp_status renders it, in one round trip.
 
     deploy_mcp_server and manage_mcp_server answer with this, so the web app handles one shape

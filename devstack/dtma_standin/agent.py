@@ -7,9 +7,9 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
+from devstack.closing import StartStop
 from devstack.dtma_standin.control import ControlSurface
 from devstack.dtma_standin.engine import (
     DEFAULT_FOREIGN_IMAGE,
@@ -93,7 +93,7 @@ class ContainerSnapshot:
         }
 
 
-class StandInAgent:
+class StandInAgent(StartStop):
     """A real HTTP server on loopback that answers like the DTMA agent of one toolbox.
 
     Construct, then :meth:`start` (or use it as a context manager). The token plays the
@@ -211,14 +211,6 @@ class StandInAgent:
         if self._owns_scheduler and self._scheduler is not None:
             self._scheduler.close()
         self._listener.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # -- read-only views --------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 from typing import Self
 
+from devstack.closing import StartStop
 from devstack.dtma_standin.agent import StandInAgent
 from devstack.dtma_standin.heartbeat import HeartbeatScheduler
 
@@ -21,7 +21,7 @@ from devstack.dtma_standin.heartbeat import HeartbeatScheduler
 MAX_AGENTS = 1000
 
 
-class StandInFleet:
+class StandInFleet(StartStop):
     """``count`` stand-in agents whose heartbeats are all pushed from one scheduler thread.
 
     Tokens are random (``secrets.token_urlsafe``) unless given; read them back from
@@ -95,10 +95,3 @@ class StandInFleet:
         if self._scheduler is not None:
             self._scheduler.close()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

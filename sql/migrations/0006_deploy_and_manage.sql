@@ -327,6 +327,24 @@ begin
 end
 $$;
 
+-- The instance a step 2 concerns, locked (its toolbox is not: see 0005's note on lock order), or
+-- "MCP server not found". Every settling function starts here.
+create or replace function public.cp_lock_instance(p_instance_id uuid)
+returns public.account_tool_instances
+language plpgsql
+set search_path = public, pg_temp
+as $$
+declare
+  v_row public.account_tool_instances;
+begin
+  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
+  if not found then
+    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
+  end if;
+  return v_row;
+end
+$$;
+
 -- ---------------------------------------------------------------------------------------------
 -- Step 2 of deploy and of every action: record what the DTMA said. p_to null keeps the status
 -- (the DTMA did not answer in time: the heartbeat or the sweep's deadline settles it) and only
@@ -342,10 +360,7 @@ as $$
 declare
   v_row public.account_tool_instances;
 begin
-  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
-  if not found then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
-  end if;
+  v_row := public.cp_lock_instance(p_instance_id);
   if p_container_id is not null or p_runtime is not null then
     update public.account_tool_instances
        set container_id = coalesce(p_container_id, container_id),
@@ -378,10 +393,7 @@ as $$
 declare
   v_row public.account_tool_instances;
 begin
-  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
-  if not found then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
-  end if;
+  v_row := public.cp_lock_instance(p_instance_id);
   if v_row.status_on_toolbox::text <> p_expected then
     perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
     return public.cp_instance_json(v_row);
@@ -406,10 +418,7 @@ as $$
 declare
   v_row public.account_tool_instances;
 begin
-  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
-  if not found then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
-  end if;
+  v_row := public.cp_lock_instance(p_instance_id);
   if v_row.agent_unmanaged_at is null then
     update public.account_tool_instances set agent_unmanaged_at = now() where id = p_instance_id
     returning * into v_row;
@@ -429,10 +438,7 @@ as $$
 declare
   v_row public.account_tool_instances;
 begin
-  select * into v_row from public.account_tool_instances where id = p_instance_id for update;
-  if not found then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
-  end if;
+  v_row := public.cp_lock_instance(p_instance_id);
   if v_row.status_on_toolbox <> 'deleting' then
     perform public.cp_raise('MC409', format('%s is %s, not deleting', v_row.instance_name_on_toolbox,
                                             v_row.status_on_toolbox),

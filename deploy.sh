@@ -420,7 +420,12 @@ cmd_gcp() {
     if [[ -n ${secret_refs[i]} ]]; then deploy+=(--set-secrets="${secret_refs[i]}")
     else deploy+=(--clear-secrets)
     fi
-    deploy+=(--min-instances="$min_instances" --max-instances="$max_instances" --concurrency="$concurrency"
+    # The worker holds one agent call per request for minutes: it takes no more requests at once
+    # than functions-framework's gunicorn has threads (4 per vCPU, at least 1 vCPU), or a quick
+    # command would wait behind slow pulls for a free thread. More commands, more instances.
+    local taken=$concurrency
+    if [[ ${entries[i]} == "$WORKER" ]]; then taken=$((4 * ${cpu%%.*} > 4 ? 4 * ${cpu%%.*} : 4)); fi
+    deploy+=(--min-instances="$min_instances" --max-instances="$max_instances" --concurrency="$taken"
       --cpu="$cpu" --memory="$memory")
     if [[ ${entries[i]} == "$WORKER" ]]; then deploy+=(--timeout="$worker_timeout")
     else deploy+=(--timeout="$timeout")

@@ -47,7 +47,22 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 JWT_SECRET = "bench-jwt-secret-that-is-at-least-32-bytes-long"
 DTMA_KEY_SECRET = "bench-master-secret-0123456789abcdef"
 NOOP_SOURCE = ROOT / "bench" / "noop" / "main.py"
+COUNTED_SOURCE = ROOT / "bench" / "counted" / "main.py"
 FUNCTIONS = ("dtma_heartbeat_ingest", "mcp_status", "deploy_mcp_server", "manage_mcp_server", "mcp_status_sweep")
+WORKER = "dtma_command_worker"
+
+# The command queue. Functions that enqueue get TASKS_MODE=cloud_tasks pointed at a Cloud Tasks emulator
+# (devstack/cloud_tasks.py) running in the benchmark process: the production client, REST createTask over
+# httpx. COMMAND_QUEUE is delivered to dtma_command_worker; HELD_QUEUE is paused for good, for runs that time
+# what a function does up to its answer (record + enqueue + answer) and must not have the command run beside
+# them on the same two cores (in production the worker runs on other instances).
+COMMAND_QUEUE = "projects/bench/locations/local/queues/dtma-commands"
+HELD_QUEUE = "projects/bench/locations/local/queues/held-commands"
+COMMAND_INVOKER_SA = "dtma-commands@bench.iam.gserviceaccount.com"
+# deploy.sh's queue (QUEUE_SETTINGS): --max-attempts=20 --min-backoff=1s --max-backoff=60s --max-doublings=5
+# --max-concurrent-dispatches=50 (its 20 dispatches/s are not emulated).
+PRODUCTION_QUEUE = {"min_backoff": 1.0, "max_backoff": 60.0, "max_doublings": 5, "max_attempts": 20,
+                    "max_concurrent": 50}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -224,6 +239,24 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def threads_cpu(pid: int) -> float:
+    """CPU seconds of a process's live threads from the scheduler's own accounting
+    (/proc/<pid>/task/*/sched, se.sum_exec_runtime, in ms to the ns): fine enough for a few
+    commands, where /proc/<pid>/stat counts 10 ms ticks; threads that have exited are not counted."""
+    total = 0.0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in (task / "sched").read_text().splitlines():
+                if line.startswith("se.sum_exec_runtime"):
+                    total += float(line.split(":", 1)[1]) / 1000
+                    break
+    return total
+
+
 def memory(pid: int) -> dict[str, float]:
     """RSS, peak RSS (VmHWM) and PSS of a process, in MiB."""
     out = {"rss": 0.0, "hwm": 0.0, "pss": 0.0}
@@ -258,7 +291,8 @@ def function_env(database_url: str | None, **extra: str) -> dict[str, str]:
     """The environment a deployed function gets, pointed at the bench database. Logging stays on
     (INFO, one line per request) because production pays for it too; it goes to a file."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DATABASE_URL", "SUPABASE_", "DTMA_", "PYTHONDONTWRITEBYTECODE", "K_SERVICE"))}
+           if not k.startswith(("DATABASE_URL", "SUPABASE_", "DTMA_", "PYTHONDONTWRITEBYTECODE", "K_SERVICE",
+                                "TASKS_MODE", "COMMAND_", "CLOUD_TASKS_", "THREADS", "WORKERS", "BENCH_"))}
     env.update({"PYTHONPATH": str(ROOT), "SUPABASE_JWT_SECRET": JWT_SECRET, "DTMA_KEY_SECRET": DTMA_KEY_SECRET,
                 "LOG_LEVEL": "INFO", "LOG_FORMAT": "text", "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
                 "NO_GCE_CHECK": "true"})
@@ -330,6 +364,11 @@ class Server:
         pid = self.master_pid
         return sum(process_cpu(p) for p in [pid, *self.worker_pids()]) if pid else 0.0
 
+    def cpu_seconds_fine(self) -> float:
+        """The same from the scheduler's ns accounting of live threads (threads_cpu)."""
+        pid = self.master_pid
+        return sum(threads_cpu(p) for p in [pid, *self.worker_pids()]) if pid else 0.0
+
     def memory(self) -> dict[str, float]:
         """MiB: worker RSS/peak, master RSS/peak, and the tree's total PSS (what the container holds)."""
         master = memory(self.master_pid) if self.master_pid else {"rss": 0, "hwm": 0, "pss": 0}
@@ -361,6 +400,50 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def queue_env(tasks_url: str, worker_url: str, queue: str = COMMAND_QUEUE) -> dict[str, str]:
+    """What deploy.sh gives the functions that enqueue commands, pointed at the emulator."""
+    return {"TASKS_MODE": "cloud_tasks", "CLOUD_TASKS_API_URL": tasks_url, "COMMAND_QUEUE": queue,
+            "COMMAND_WORKER_URL": worker_url, "COMMAND_INVOKER_SA": COMMAND_INVOKER_SA}
+
+
+def start_tasks_emulator(nodelay: bool = True, **settings: Any) -> Any:
+    """A Cloud Tasks emulator in this process (loopback, random port), started; HELD_QUEUE paused.
+
+    nodelay: answer with Nagle's algorithm off, as the DTMA stand-in's server already does. The
+    emulator's handler leaves it on, so on a keep-alive connection (the functions' httpx client) its
+    answer's body waits for the client's delayed ACK of the headers: ~40 ms added to every createTask,
+    an artefact of the emulator that Google's API does not have. bench/deploy.py measures both."""
+    from devstack import cloud_tasks
+
+    emulator = cloud_tasks.CloudTasksEmulator(**settings)
+    if nodelay:
+        server = emulator._server  # this emulator only; the class is left as shipped
+        server.RequestHandlerClass = type("NoDelayHandler", (server.RequestHandlerClass,),
+                                          {"disable_nagle_algorithm": True})
+    emulator.start()
+    emulator.pause(True, HELD_QUEUE)
+    return emulator
+
+
+def queue_counts(emulator: Any, queue: str) -> dict[str, int]:
+    """pending / in_flight / done / failed tasks of one queue (zeros before its first task)."""
+    for q in emulator.queues():
+        if q["name"] == queue:
+            return {k: int(q[k]) for k in ("pending", "in_flight", "done", "failed", "peak_in_flight")}
+    return {"pending": 0, "in_flight": 0, "done": 0, "failed": 0, "peak_in_flight": 0}
+
+
+def wait_queue_idle(emulator: Any, queue: str = COMMAND_QUEUE, timeout: float = 60.0) -> bool:
+    """Until `queue` has no task pending or in flight (the held queue never gets there)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = queue_counts(emulator, queue)
+        if not counts["pending"] and not counts["in_flight"]:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @contextlib.contextmanager
@@ -653,7 +736,14 @@ class World:
     """One embedded database holding what every function's benchmark requests need: heartbeat toolboxes
     (bench/heartbeat.py's fleet), a user with 100 MCP servers on 10 toolboxes and one with 10 on 1 (for
     mcp_status), and a user whose toolboxes have loopback DTMA stand-ins (instant pulls) with deployed
-    servers (deploy_mcp_server, manage_mcp_server)."""
+    servers (deploy_mcp_server, manage_mcp_server).
+
+    Commands travel as in production: a Cloud Tasks emulator in this process and dtma_command_worker
+    served by functions-framework. manage_mcp_server's queue (COMMAND_QUEUE) is delivered to the worker,
+    since manage waits for its command's outcome; deploy_mcp_server and the sweep enqueue to HELD_QUEUE,
+    so a deploy's figures are its own (record + enqueue + answer) and its command does not run beside it
+    on the same two cores. Call settle() after a burst of manage requests: it waits for the queue to
+    drain so the next measurement does not share the machine with leftover commands."""
 
     DTMA_TOOLBOXES = 4
     MANAGED = 32
@@ -665,41 +755,79 @@ class World:
         from shared.toolbox_keys import token_digest as digest
 
         self.pg = Postgres()
-        self.heartbeat_toolboxes = heartbeat_toolboxes
-        heartbeat.seed(self.pg, max(heartbeat_toolboxes, 1000))
-        self.user100, self.user10, self.dtma_user = (str(uuid) for uuid in _uuids(3))
-        with self.pg.connect() as conn:
-            for user in (self.user100, self.user10, self.dtma_user):
-                conn.execute("insert into auth.users (id, email) values (%s, %s)", (user, f"{user}@bench.test"))
-            for params in ({"user": self.user100, "boxes": 10, "per": 10, "base": 0},
-                           {"user": self.user10, "boxes": 1, "per": 10, "base": 100}):
-                for statement in STATUS_SEED.split(";\n\n"):
-                    conn.execute(statement, params)
-        self.dtma_boxes = [str(u) for u in _uuids(self.DTMA_TOOLBOXES)]
-        keys = [derive_key(DTMA_KEY_SECRET, t, 1) for t in self.dtma_boxes]
-        self.fleet = StandInFleet(self.DTMA_TOOLBOXES, tokens=keys).start()
-        with self.pg.connect() as conn:
-            for toolbox_id, agent, key in zip(self.dtma_boxes, self.fleet, keys, strict=True):
-                conn.execute(
-                    """insert into public.account_tool_environments
-                         (id, user_id, name, status, public_ip_address, region_slug, size_slug, dtma_token_sha256,
-                          dtma_key_version, dtma_port, last_heartbeat_at)
-                       values (%s, %s, %s, 'active', '127.0.0.1', 'nyc3', 's-1vcpu-2gb', %s, 1, %s, now())""",
-                    (toolbox_id, self.dtma_user, f"dtma-{toolbox_id[:8]}", digest(key), agent.port))
-            conn.execute("vacuum analyze")
-        self.managed: list[str] = []
-        with serving("deploy_mcp_server", function_env(self.pg.uri)) as server:
-            for n in range(self.MANAGED):
-                status, body = request(server, "POST", "/", json.dumps(
-                    {"toolbox_id": self.dtma_boxes[n % self.DTMA_TOOLBOXES], "name": f"managed-{n}",
-                     "image": "mcp/everything:latest", "transport": "streamable_http", "container_port": 8080}),
-                    {"Authorization": f"Bearer {jwt_for(self.dtma_user)}", "Content-Type": "application/json"})
-                if status != 201:
-                    raise RuntimeError(f"seeding a managed server failed: {status} {body[:300]!r}")
-                self.managed.append(json.loads(body)["id"])
+        self.fleet: Any = None
+        self.tasks: Any = None
+        self.worker: Server | None = None
+        try:
+            self.heartbeat_toolboxes = heartbeat_toolboxes
+            heartbeat.seed(self.pg, max(heartbeat_toolboxes, 1000))
+            self.user100, self.user10, self.dtma_user = (str(uuid) for uuid in _uuids(3))
+            with self.pg.connect() as conn:
+                for user in (self.user100, self.user10, self.dtma_user):
+                    conn.execute("insert into auth.users (id, email) values (%s, %s)", (user, f"{user}@bench.test"))
+                for params in ({"user": self.user100, "boxes": 10, "per": 10, "base": 0},
+                               {"user": self.user10, "boxes": 1, "per": 10, "base": 100}):
+                    for statement in STATUS_SEED.split(";\n\n"):
+                        conn.execute(statement, params)
+            self.dtma_boxes = [str(u) for u in _uuids(self.DTMA_TOOLBOXES)]
+            keys = [derive_key(DTMA_KEY_SECRET, t, 1) for t in self.dtma_boxes]
+            self.fleet = StandInFleet(self.DTMA_TOOLBOXES, tokens=keys).start()
+            with self.pg.connect() as conn:
+                for toolbox_id, agent, key in zip(self.dtma_boxes, self.fleet, keys, strict=True):
+                    conn.execute(
+                        """insert into public.account_tool_environments
+                             (id, user_id, name, status, public_ip_address, region_slug, size_slug,
+                              dtma_token_sha256, dtma_key_version, dtma_port, last_heartbeat_at)
+                           values (%s, %s, %s, 'active', '127.0.0.1', 'nyc3', 's-1vcpu-2gb', %s, 1, %s, now())""",
+                        (toolbox_id, self.dtma_user, f"dtma-{toolbox_id[:8]}", digest(key), agent.port))
+                conn.execute("vacuum analyze")
+            # Quick retries (the tests' settings): the World measures functions, not the queue's backoff.
+            self.tasks = start_tasks_emulator(min_backoff=0.05, max_backoff=1.0)
+            self.worker = Server(WORKER, function_env(self.pg.uri)).start()
+            self.worker.wait_ready()
+            self.managed: list[str] = []
+            with serving("deploy_mcp_server", self.env("deploy_mcp_server", queue=COMMAND_QUEUE)) as server:
+                for n in range(self.MANAGED):
+                    status, body = request(server, "POST", "/", json.dumps(
+                        {"toolbox_id": self.dtma_boxes[n % self.DTMA_TOOLBOXES], "name": f"managed-{n}",
+                         "image": "mcp/everything:latest", "transport": "streamable_http",
+                         "container_port": 8080}),
+                        {"Authorization": f"Bearer {jwt_for(self.dtma_user)}", "Content-Type": "application/json"})
+                    if status != 202:
+                        raise RuntimeError(f"seeding a managed server failed: {status} {body[:300]!r}")
+                    self.managed.append(json.loads(body)["id"])
+            self._wait_running(self.managed)
+        except BaseException:
+            self.stop()
+            raise
 
-    def env(self, **extra: str) -> dict[str, str]:
-        return function_env(self.pg.uri, **extra)
+    def _wait_running(self, ids: list[str], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.pg.connect() as conn:
+            while True:
+                states = dict(conn.execute("select status_on_toolbox::text, count(*) from account_tool_instances "
+                                           "where id = any(%s::uuid[]) group by 1", (ids,)).fetchall())
+                if states.get("running", 0) == len(ids):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the managed servers did not all reach running: {states}; worker log: "
+                                       f"{self.worker.log_tail() if self.worker else ''}")
+                time.sleep(0.05)
+
+    @property
+    def worker_url(self) -> str:
+        assert self.worker is not None
+        return self.worker.url + "/"
+
+    def env(self, function: str | None = None, queue: str | None = None, **extra: str) -> dict[str, str]:
+        """A function's environment; functions that enqueue get the emulator (see the class docstring)."""
+        if queue is None:
+            queue = COMMAND_QUEUE if function == "manage_mcp_server" else HELD_QUEUE
+        return function_env(self.pg.uri, **queue_env(self.tasks.url, self.worker_url, queue), **extra)
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until the delivered queue is drained (commands left by manage requests have run)."""
+        wait_queue_idle(self.tasks, COMMAND_QUEUE, timeout)
 
     def requests(self, function: str) -> tuple[list[Req], set[str]]:
         """Representative requests for `function` and the statuses they should get."""
@@ -715,19 +843,29 @@ class World:
             return [Req("GET", "/?limit=100", {"Authorization": f"Bearer {jwt_for(self.user10, 3 * 3600)}"})], {"200"}
         auth = {"Authorization": f"Bearer {jwt_for(self.dtma_user, 3 * 3600)}", **json_type}
         if function == "deploy_mcp_server":
+            # Recorded and enqueued, answered 202 at once (the command waits in HELD_QUEUE).
             return [Req("POST", "/", auth, json.dumps(
                 {"toolbox_id": t, "name": "load-{{n}}", "image": "mcp/everything:latest",
                  "transport": "streamable_http", "container_port": 8080}), dynamic=True)
-                for t in self.dtma_boxes], {"201"}
+                for t in self.dtma_boxes], {"202"}
         if function == "manage_mcp_server":
-            # Concurrent actions on one server are refused with 409 (the state machine), as in production.
-            return [Req("POST", f"/{i}/restart", auth) for i in self.managed], {"200", "409"}
+            # Concurrent actions on one server are refused with 409 (the state machine), as in production;
+            # 202 when the worker has not recorded the outcome within the budget (a toolbox runs at most
+            # TOOLBOX_MAX_CONCURRENT_COMMANDS at once; the others wait their turn in the queue).
+            return [Req("POST", f"/{i}/restart", auth) for i in self.managed], {"200", "202", "409"}
         if function == "mcp_status_sweep":
             return [Req("POST", "/", json_type, "{}")], {"200"}
         raise ValueError(function)
 
     def stop(self) -> None:
-        self.fleet.stop()
+        if self.tasks is not None:
+            self.tasks.pause(True)
+        if self.worker is not None:
+            self.worker.stop()
+        if self.tasks is not None:
+            self.tasks.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.pg.stop()
 
     def __enter__(self) -> World:

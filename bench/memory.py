@@ -7,8 +7,9 @@ the app, and one forked worker with 4 x cores threads). Memory is read from /pro
 
 * idle: after the first few real requests (the pool has connected, every lazy import is done);
 * after a burst: `--burst` s of that function's real requests at concurrency 32 (heartbeats with 20
-  containers, 100-server mcp_status reads, deploys and restarts through loopback DTMA stand-ins,
-  sweeps over the seeded fleet);
+  containers, 100-server mcp_status reads, deploys recorded and enqueued, restarts run by
+  dtma_command_worker through the queue against loopback DTMA stand-ins, sweeps over the seeded
+  fleet);
 * peak: the kernel's high-water mark (VmHWM) of the master plus the worker's, an upper bound of
   what the container held at once.
 
@@ -35,7 +36,7 @@ LIMIT_MIB = 160
 
 def measure(world: World, function: str, burst: float) -> dict[str, Any]:
     reqs, expected = world.requests(function)
-    with serving(function, world.env()) as server:
+    with serving(function, world.env(function)) as server:
         _, statuses = sequential_latencies(server, reqs, 8 if function != "noop" else 1)
         if function == "noop":
             statuses = {"204": 1}
@@ -44,8 +45,9 @@ def measure(world: World, function: str, burst: float) -> dict[str, Any]:
         time.sleep(0.2)
         after = server.memory()
         unexpected = {k: v for k, v in result.statuses.items() if k not in expected}
-        return {"idle": idle, "after_burst": after, "burst_requests": result.requests, "statuses": result.statuses,
-                "unexpected": unexpected, "warmup_statuses": statuses}
+    world.settle()  # commands left by the burst (manage) run before the next function is measured
+    return {"idle": idle, "after_burst": after, "burst_requests": result.requests, "statuses": result.statuses,
+            "unexpected": unexpected, "warmup_statuses": statuses}
 
 
 def run(burst: float = 4.0, world: World | None = None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def one_round(world: World, case: str, noop: bool, duration: float, reads: int) 
     reqs, expected = world.requests(case)
     function = "noop" if noop else "mcp_status"
     expected = {"204"} if noop else expected
-    with serving(function, world.env()) as server:
+    with serving(function, world.env(function)) as server:
         sequential_latencies(server, reqs, 5)
         samples, statuses = sequential_latencies(server, reqs, reads)
         if set(statuses) - expected:

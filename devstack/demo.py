@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from devstack.schema_check import SchemaMismatch, check_response
+from devstack.openapi import SchemaMismatch, check_response
 
 IMAGE = "mcp/everything:latest"
 POLL_SECONDS = 0.2

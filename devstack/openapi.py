@@ -589,7 +589,10 @@ def _pointer(*parts: str | int) -> str:
 def _problem(error: ValidationError) -> str:
     """Where and why, from the most specific cause (inside anyOf/oneOf, the branch that came closest)."""
     cause = best_match([error]) if error.context else error
-    text = f"{cause.json_path}: {cause.message}"
+    shown, message = repr(cause.instance), cause.message
+    if len(shown) > 60:  # jsonschema quotes the whole value: a server, a page of them
+        message = message.replace(shown, shown[:57] + "...")
+    text = f"{cause.json_path}: {message}"
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -64,7 +64,6 @@ COMMAND_INVOKER_SA = "dtma-commands@bench.iam.gserviceaccount.com"
 PRODUCTION_QUEUE = {"min_backoff": 1.0, "max_backoff": 60.0, "max_doublings": 5, "max_attempts": 20,
                     "max_concurrent": 50}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def source_of(function: str) -> Path:
@@ -691,9 +690,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def save_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str))
 
 
 # --- one database and DTMA stand-ins for every function -----------------------------------------

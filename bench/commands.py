@@ -66,6 +66,7 @@ from bench.common import (
     request,
     table,
 )
+from ops.rows import insert_toolbox
 
 TARGET_MS = 1000
 HEAVY_IMAGE = "mcp/everything:latest"
@@ -132,7 +133,7 @@ class Stack:
 
 def _seed_boxes(pg: Postgres, user: str, groups: dict[str, tuple[int, float]]) -> dict[str, list[Box]]:
     from devstack.dtma_standin import StandInAgent
-    from shared.toolbox_keys import derive_key, token_digest
+    from shared.toolbox_keys import derive_key
 
     boxes: dict[str, list[Box]] = {}
     with pg.connect() as conn:
@@ -141,12 +142,8 @@ def _seed_boxes(pg: Postgres, user: str, groups: dict[str, tuple[int, float]]) -
                 toolbox_id = str(uuid.uuid4())
                 key = derive_key(DTMA_KEY_SECRET, toolbox_id, 1)
                 agent = StandInAgent(key, pull_delay=pull_delay).start()
-                conn.execute(
-                    """insert into public.account_tool_environments
-                         (id, user_id, name, status, public_ip_address, region_slug, size_slug, dtma_token_sha256,
-                          dtma_key_version, dtma_port, last_heartbeat_at)
-                       values (%s, %s, %s, 'active', '127.0.0.1', 'nyc3', 's-1vcpu-2gb', %s, 1, %s, now())""",
-                    (toolbox_id, user, f"{group}-{toolbox_id[:8]}", token_digest(key), agent.port))
+                insert_toolbox(conn, toolbox_id=toolbox_id, user_id=user, name=f"{group}-{toolbox_id[:8]}", token=key,
+                               dtma_port=agent.port, heartbeat_age_seconds=0)
                 boxes.setdefault(group, []).append(Box(toolbox_id, agent))
     return boxes
 

@@ -747,8 +747,8 @@ class World:
     def __init__(self, heartbeat_toolboxes: int = 256) -> None:
         from bench import heartbeat
         from devstack.dtma_standin import StandInFleet
+        from ops.rows import insert_toolbox
         from shared.toolbox_keys import derive_key
-        from shared.toolbox_keys import token_digest as digest
 
         self.pg = Postgres()
         self.fleet: Any = None
@@ -770,12 +770,8 @@ class World:
             self.fleet = StandInFleet(self.DTMA_TOOLBOXES, tokens=keys).start()
             with self.pg.connect() as conn:
                 for toolbox_id, agent, key in zip(self.dtma_boxes, self.fleet, keys, strict=True):
-                    conn.execute(
-                        """insert into public.account_tool_environments
-                             (id, user_id, name, status, public_ip_address, region_slug, size_slug,
-                              dtma_token_sha256, dtma_key_version, dtma_port, last_heartbeat_at)
-                           values (%s, %s, %s, 'active', '127.0.0.1', 'nyc3', 's-1vcpu-2gb', %s, 1, %s, now())""",
-                        (toolbox_id, self.dtma_user, f"dtma-{toolbox_id[:8]}", digest(key), agent.port))
+                    insert_toolbox(conn, toolbox_id=toolbox_id, user_id=self.dtma_user, name=f"dtma-{toolbox_id[:8]}",
+                                   token=key, dtma_port=agent.port, heartbeat_age_seconds=0)
                 conn.execute("vacuum analyze")
             # Quick retries (the tests' settings): the World measures functions, not the queue's backoff.
             self.tasks = start_tasks_emulator(min_backoff=0.05, max_backoff=1.0)

@@ -59,6 +59,7 @@ from bench.common import (
     start_tasks_emulator,
     table,
 )
+from ops.rows import insert_toolbox
 
 FUNCTION = "deploy_mcp_server"
 TOOLBOXES = 32  # 848 host ports each: room for every deploy of a run
@@ -68,17 +69,12 @@ TARGET_ABOVE_FLOOR_MS = 100
 
 
 def seed(pg: Postgres, user_id: str, boxes: list[tuple[str, str]]) -> None:
-    from shared.toolbox_keys import token_digest
 
     with pg.connect() as conn:
         conn.execute("insert into auth.users (id, email) values (%s, 'deploy-bench@bench.test')", (user_id,))
         for toolbox_id, key in boxes:
-            conn.execute(
-                """insert into public.account_tool_environments
-                     (id, user_id, name, status, public_ip_address, region_slug, size_slug, dtma_token_sha256,
-                      dtma_key_version, dtma_port, last_heartbeat_at)
-                   values (%s, %s, %s, 'active', '127.0.0.1', 'nyc3', 's-1vcpu-2gb', %s, 1, 30000, now())""",
-                (toolbox_id, user_id, f"bench-{toolbox_id[:8]}", token_digest(key)))
+            insert_toolbox(conn, toolbox_id=toolbox_id, user_id=user_id, name=f"bench-{toolbox_id[:8]}", token=key,
+                           dtma_port=30000, heartbeat_age_seconds=0)
 
 
 def deploy_requests(user_id: str, toolbox_ids: list[str]) -> list[Req]:

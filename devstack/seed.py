@@ -20,6 +20,7 @@ import jwt
 import psycopg
 from psycopg.types.json import Jsonb
 
+from ops.rows import insert_toolbox
 from shared.toolbox_keys import derive_key, token_digest
 
 DEMO_EMAIL = "demo@example.test"
@@ -129,15 +130,9 @@ def seed(conninfo: str, master_secret: str) -> Seeded:
             (user_id, DEMO_TOOLBOX_NAME),
         ).fetchone()
         if box is None:
-            toolbox_id, version = str(uuid.uuid4()), 1
-            conn.execute(
-                """insert into public.account_tool_environments
-                     (id, user_id, name, description, status, public_ip_address, region_slug, size_slug,
-                      dtma_key_version)
-                   values (%s, %s, %s, 'DTMA stand-in of the local stack', 'active', '127.0.0.1', 'local',
-                           'standin', %s)""",
-                (toolbox_id, user_id, DEMO_TOOLBOX_NAME, version),
-            )
+            version = 1
+            toolbox_id = insert_toolbox(conn, user_id=user_id, name=DEMO_TOOLBOX_NAME, region="local", size="standin",
+                                        description="DTMA stand-in of the local stack")
         else:
             toolbox_id, version = str(box[0]), int(box[1])
         token = derive_key(master_secret, toolbox_id, version)

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import psycopg
 
 from ops import credentials
+from ops.rows import insert_toolbox
 
 PROG = "mcp-toolbox"
 FLEET_DTMA_PORT = 30000  # the functions' DTMA_PORT default: a toolbox with dtma_port NULL is called there
@@ -290,14 +291,10 @@ def register(conninfo: str, reg: Registration, keys: credentials.KeySettings) ->
             user_id, email = _find_user(conn, reg)
             _check_conflicts(conn, reg, user_id)
             try:
-                row = conn.execute(
-                    """insert into public.account_tool_environments
-                         (user_id, name, description, do_droplet_id, public_ip_address, dtma_port, status,
-                          region_slug, size_slug)
-                       values (%s, %s, 'registered with mcp-toolbox register', %s, %s::inet, %s, %s, %s, %s)
-                       returning id::text""",
-                    (user_id, reg.name, reg.droplet_id, reg.address, reg.dtma_port, reg.status, reg.region,
-                     reg.size)).fetchone()
+                row = (insert_toolbox(conn, user_id=user_id, name=reg.name,
+                                      description="registered with mcp-toolbox register", droplet_id=reg.droplet_id,
+                                      address=reg.address, dtma_port=reg.dtma_port, status=reg.status,
+                                      region=reg.region, size=reg.size),)
             except psycopg.errors.UniqueViolation as exc:  # a concurrent registration won the race
                 raise Refused(f"conflicts with a toolbox registered meanwhile: {exc.diag.message_detail or exc}") \
                     from None

@@ -14,7 +14,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from shared.toolbox_keys import derive_key, token_digest
+from ops.rows import insert_toolbox
+from shared.toolbox_keys import derive_key
 
 MASTER_SECRET = "test-master-secret-for-dtma-keys-0123456789"
 GENERIC_MCP_CATALOG_ID = "00000000-0000-0000-0000-000000000001"
@@ -46,15 +47,9 @@ class Factory:
         user_id = user_id or self.user()
         toolbox_id = str(uuid.uuid4())
         token = derive_key(MASTER_SECRET, toolbox_id, key_version)
-        self.conn.execute(
-            """insert into public.account_tool_environments
-                 (id, user_id, name, status, public_ip_address, region_slug, size_slug, dtma_token_sha256,
-                  dtma_key_version, dtma_port, last_heartbeat_at)
-               values (%s, %s, %s, %s, %s, 'nyc3', 's-1vcpu-1gb', %s, %s, %s,
-                       case when %s::float8 is null then null
-                            else now() - make_interval(secs => %s::float8) end)""",
-            (toolbox_id, user_id, name or f"toolbox-{toolbox_id[:8]}", status, ip, token_digest(token),
-             key_version, port, heartbeat_age_seconds, heartbeat_age_seconds))
+        insert_toolbox(self.conn, toolbox_id=toolbox_id, user_id=user_id, name=name or f"toolbox-{toolbox_id[:8]}",
+                       status=status, address=ip, dtma_port=port, token=token, key_version=key_version,
+                       heartbeat_age_seconds=heartbeat_age_seconds)
         return Toolbox(toolbox_id, user_id, token, ip or "", port)
 
     def instance(self, toolbox: Toolbox, *, status: str = "running", name: str | None = None,

@@ -14,9 +14,9 @@ Commands:
   local [options]   run the whole system on this machine (creates .venv on first use);
                     options are those of `python -m devstack.stack --help`
   test [pytest args]
-                    install the project with its dev extras into .venv, lint (ruff) and run
-                    the whole test suite (what CI runs)
-  gcp [options]     deploy the functions (ALL_FUNCTIONS of shared/config.py) to Google Cloud Run
+                    install the project with its dev extras into .venv, lint (ruff), check the
+                    layers of shared/ (import-linter) and run the whole test suite (what CI runs)
+  gcp [options]     deploy the functions (ALL_FUNCTIONS of shared/core/config.py) to Google Cloud Run
                     functions (gen2), the Cloud Scheduler job that drives mcp_status_sweep and
                     the Cloud Tasks queue that carries agent commands to dtma_command_worker
   help              this text
@@ -87,6 +87,7 @@ cmd_test() {
   ensure_venv dev
   cd "$ROOT"
   "$PYTHON" -m ruff check .
+  "$ROOT/.venv/bin/lint-imports"
   exec "$PYTHON" -m pytest "$@"
 }
 
@@ -301,7 +302,7 @@ cmd_gcp() {
   [[ $worker_timeout =~ ^[0-9]+s$ ]] && plan_args+=(--worker-timeout "${worker_timeout%s}")
 
   # The per-function plan: which settings and secrets each function gets, and whether each one
-  # would start (shared/config.py's own check). One record a line, fields separated by US.
+  # would start (shared/core/config.py's own check). One record a line, fields separated by US.
   local records rc=0
   records=$(cd "$ROOT" && "${package[@]}" --plan --format=shell --project "$project" "${plan_args[@]}") || rc=$?
   local -a entries=() names=() access=() envs=() secret_refs=() provided=() secrets=() url_refs=()

@@ -461,14 +461,15 @@ def _coldstart_section(cs: dict[str, Any]) -> list[str]:
             "Where the gap comes from (marginal import cost in a process that already imported functions_framework, "
             f"which itself costs {fw:.0f} ms): "
             f"psycopg + psycopg_pool {m['psycopg,psycopg_pool']:.0f} ms (every function talks to the database; "
-            f"imported at the first request), shared.config {m['shared.config']:.0f} ms of which pydantic_settings "
+            f"imported at the first request), shared.core.config {m['shared.core.config']:.0f} ms of which "
+            f"pydantic_settings "
             f"{m['pydantic_settings']:.0f} ms (pydantic alone {m['pydantic']:.0f} ms), PyJWT + cryptography "
             f"{m['jwt']:.0f} ms (user-facing functions), httpx {m['httpx']:.0f} ms (functions that enqueue commands "
             "or call a DTMA), then the first database connection and the first request's own work. The floor "
             "imports none of these, so "
             f"a function that must reach the database cannot be within 1.5x ({1.5 * s['noop']['cold_ms']:.0f} ms) "
             "of it: psycopg and the settings alone exceed the margin. What would close most of the rest: reading "
-            "settings without pydantic_settings (shared/config.py; ~45 ms), shipping precompiled bytecode in the "
+            "settings without pydantic_settings (shared/core/config.py; ~45 ms), shipping precompiled bytecode in the "
             "deployed package (ops/gcp_package.py: `python -m compileall`), and Cloud Run's startup CPU boost.", ""]
 
 

@@ -185,7 +185,7 @@ def run(runs: int = 5, world: World | None = None, click_runs: int = 20) -> dict
         heavy_after = {t: loaded_after_first_request(world, t) for t in targets}
         env = world.env()
         marginals = {name: marginal(name, env, 3) for name in (
-            "psycopg,psycopg_pool", "pydantic", "pydantic_settings", "shared.config", "jwt", "httpx")}
+            "psycopg,psycopg_pool", "pydantic", "pydantic_settings", "shared.core.config", "jwt", "httpx")}
     finally:
         if own:
             world.stop()

@@ -133,7 +133,7 @@ class Stack:
 
 def _seed_boxes(pg: Postgres, user: str, groups: dict[str, tuple[int, float]]) -> dict[str, list[Box]]:
     from devstack.dtma_standin import StandInAgent
-    from shared.toolbox_keys import derive_key
+    from shared.core.toolbox_keys import derive_key
 
     boxes: dict[str, list[Box]] = {}
     with pg.connect() as conn:

@@ -748,7 +748,7 @@ class World:
         from bench import heartbeat
         from devstack.dtma_standin import StandInFleet
         from ops.rows import insert_toolbox
-        from shared.toolbox_keys import derive_key
+        from shared.core.toolbox_keys import derive_key
 
         self.pg = Postgres()
         self.fleet: Any = None

@@ -4,7 +4,7 @@
 
 What the web app waits for between "Deploy" and an answer. A deploy records the instance and its
 command in one transaction (cp_record_deploy_command), enqueues the command with Cloud Tasks'
-REST createTask (shared/tasks.py, httpx, `TASKS_MODE=cloud_tasks`), reads the server back as
+REST createTask (shared/adapters/tasks.py, httpx, `TASKS_MODE=cloud_tasks`), reads the server back as
 mcp_status shows it and answers 202; the agent is never called while the user waits (the
 command worker does that, bench/commands.py). Served the production way (functions-framework /
 gunicorn) against an embedded PostgreSQL, the queue being the Cloud Tasks emulator
@@ -116,7 +116,7 @@ def _check(statuses: dict[str, int], expected: str, server: Any) -> None:
 
 
 def create_task_alone(tasks_url: str, count: int) -> dict[str, float]:
-    """The enqueue by itself: createTask bodies as shared/tasks.py builds them, one at a time, over one
+    """The enqueue by itself: createTask bodies as shared/adapters/tasks.py builds them, one at a time, over one
     keep-alive httpx client (the function's client is the same), into the paused queue."""
     import httpx
 
@@ -153,7 +153,7 @@ def as_shipped(pg: Postgres, tasks_url: str, reqs: list[Req], sequential: int) -
 
 
 def run(sequential: int = 150, duration: float = 5.0, runs: int = 3) -> dict[str, Any]:
-    from shared.toolbox_keys import derive_key
+    from shared.core.toolbox_keys import derive_key
 
     user_id = str(uuid.uuid4())
     toolbox_ids = [str(uuid.uuid4()) for _ in range(TOOLBOXES)]

@@ -194,7 +194,7 @@ def round_for(target: str, pg: Postgres, reqs: list[Req], duration: float, concu
 def explain(pg: Postgres) -> list[dict[str, Any]]:
     """Plans of cp_ingest_heartbeat's statements (0005/0007) for one steady-state beat, at this fleet size.
     Generic plans (what PL/pgSQL settles on); each statement is rolled back."""
-    from shared.heartbeat import build_report
+    from shared.usecases.reports import build_report
 
     n = 7
     report = build_report(json.loads(container_body(n)))
@@ -277,12 +277,15 @@ def profile(pg: Postgres, load_toolboxes: int, seconds: float = 4.0) -> dict[str
 # A sample belongs to the first bucket (in this order) that any of its frames matches: e.g. the
 # json.dumps of the report runs under psycopg's adapter, so it counts as psycopg, not as parsing.
 BUCKETS = (
-    ("logging (RedactingFilter, formatting, write)", ("logging/", "shared/logging.py")),
+    ("logging (RedactingFilter, formatting, write)", ("logging/", "shared/adapters/logging.py")),
     ("psycopg: adapt (json.dumps of the report), send, wait, load result", ("psycopg",)),
-    ("JSON parse + duplicate-key/depth checks (shared/http.py parse_json)", ("parse_json", "_no_duplicates", "_depth")),
-    ("pydantic validation (shared/heartbeat.py models)", ("pydantic",)),
-    ("report building (shared/heartbeat.py, shared/lifecycle.py)", ("shared/heartbeat.py", "shared/lifecycle.py")),
-    ("flask/werkzeug request and response, shared/http.py serve", ("werkzeug", "flask/", "shared/http.py")),
+    ("JSON parse + duplicate-key/depth checks (shared/adapters/http.py parse_json)",
+     ("parse_json", "_no_duplicates", "_depth")),
+    ("pydantic validation (shared/usecases/reports.py models)", ("pydantic",)),
+    ("report building (shared/usecases/reports.py, shared/core/lifecycle.py)",
+     ("shared/usecases/reports.py", "shared/core/lifecycle.py")),
+    ("flask/werkzeug request and response, shared/adapters/http.py serve",
+     ("werkzeug", "flask/", "shared/adapters/http.py")),
     ("gunicorn (accept, parse HTTP, write)", ("gunicorn",)),
 )
 

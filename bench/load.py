@@ -24,7 +24,7 @@ Users and chaos stop 2 intervals before the end; heartbeats go on to the end, so
 reports at least once more about a quiet droplet while the rest of the fleet still hammers the
 ingest. The final check compares, for every toolbox, the database with the LAST heartbeat it sent:
 the toolbox row (active, its version and system_status) and every MCP server's status (what the
-container state in that heartbeat maps to, shared.lifecycle's table).
+container state in that heartbeat maps to, shared.core.lifecycle's table).
 
 Prints the command, the configuration and the figures (throughput, p50/p99 per request kind,
 errors, the final check) and writes them to `--docs` (default docs/load.md).
@@ -60,8 +60,8 @@ import httpx  # noqa: E402
 import jwt  # noqa: E402
 import psycopg  # noqa: E402
 
-from shared.lifecycle import observed_from_docker  # noqa: E402
-from shared.toolbox_keys import derive_key, token_digest  # noqa: E402
+from shared.core.lifecycle import observed_from_docker  # noqa: E402
+from shared.core.toolbox_keys import derive_key, token_digest  # noqa: E402
 
 JWT_SECRET = "load-test-jwt-secret-that-is-at-least-32-bytes"
 MASTER_SECRET = "load-test-master-secret-for-dtma-keys-0123456789"
@@ -116,7 +116,8 @@ def serve_functions(database_url: str, names: tuple[str, ...] = FUNCTIONS) -> It
     (each main.py reads its settings at import).
     """
     from devstack.server import HttpServer, load_function
-    from shared import db, runtime
+    from shared import runtime
+    from shared.adapters import db
 
     saved = dict(os.environ)
     servers = []
@@ -495,7 +496,7 @@ def write_docs(path: Path, command: str, report: Report) -> None:
         "202 deploy) and every transport error;",
         "* final state: for every toolbox, the toolbox row (active, `dtma_last_known_version`, "
         "`dtma_health_details_json`) and every MCP server's stored status equal what that toolbox's LAST "
-        "accepted heartbeat said (the container state mapped through `shared.lifecycle`). Users and the "
+        "accepted heartbeat said (the container state mapped through `shared.core.lifecycle`). Users and the "
         f"container crashes stop {QUIET_INTERVALS} intervals before the end, heartbeats go on to the end.",
         "",
     ]

@@ -4,7 +4,7 @@ served the same way as ours, for bench/heartbeat.py's comparison.
 The original Edge Function made 1 SELECT (toolbox by token) + 1 UPDATE (toolbox) + N UPDATEs (one
 per `tool_statuses` item with an `account_tool_instance_id`, no ownership check), each its own
 PostgREST request and so its own transaction. Here each is one autocommit statement through a
-psycopg pool configured like the production transport (shared/db/postgres.py), on the same
+psycopg pool configured like the production transport (shared/adapters/db/postgres.py), on the same
 database and schema (the token is looked up by its digest, as the schema stores it). The
 statements run one after another on one connection: on loopback the original's parallel
 `Promise.allSettled` would gain nothing but pool contention. Payload handling is the original's:

@@ -226,7 +226,7 @@ def bench_noop_sweeps(url: str, runs: int) -> None:
 
 
 def bench_list(url: str, user: str, reads: int) -> None:
-    from shared.db.postgres import PostgresDatabase
+    from shared.adapters.db.postgres import PostgresDatabase
 
     print(f"\n== mcp_status list latency, user with 100 servers (10 toolboxes), {reads} reads each")
     db = PostgresDatabase(url, max_size=1)
@@ -315,7 +315,7 @@ def main() -> None:
         bench_noop_sweeps(server.uri, args.runs)
         bench_list(server.uri, user, args.reads)
     finally:
-        from shared.db import close_all
+        from shared.adapters.db import close_all
 
         close_all()
         server.stop()

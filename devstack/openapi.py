@@ -1,9 +1,9 @@
 """Build `docs/openapi.json` (OpenAPI 3.1) from the code that defines the API, and check answers against it.
 
-Request bodies come from the pydantic models the functions validate with (`shared.models`,
-`shared.status_query`, `shared.reports`), and the server every user-facing function answers
-(`Server`, `ToolboxSummary`, `Progress`) from the types `shared.view` builds it with
-(`shared.view_models`), so the document cannot drift from what is accepted or answered. The
+Request bodies come from the pydantic models the functions validate with (`shared.core.models`,
+`shared.usecases.status_query`, `shared.usecases.reports`), and the server every user-facing function answers
+(`Server`, `ToolboxSummary`, `Progress`) from the types `shared.usecases.view` builds it with
+(`shared.usecases.view_models`), so the document cannot drift from what is accepted or answered. The
 other answers are described here, next to each other; the local stack's tests and `--demo` check
 real answers against the document (`check_response`, with the `jsonschema` library: OpenAPI 3.1
 schemas are JSON Schema 2020-12), so a field added to an answer without being documented fails.
@@ -29,11 +29,11 @@ from pydantic_core import core_schema
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from shared import lifecycle
-from shared.models import ActionRequest, DeployRequest
-from shared.reports import ContainerSummary, Heartbeat, InstanceReport
-from shared.status_query import MAX_LIMIT, StatusRequest
-from shared.view_models import ProgressEvent, ServerView, ToolboxSummary
+from shared.core import lifecycle
+from shared.core.models import ActionRequest, DeployRequest
+from shared.usecases.reports import ContainerSummary, Heartbeat, InstanceReport
+from shared.usecases.status_query import MAX_LIMIT, StatusRequest
+from shared.usecases.view_models import ProgressEvent, ServerView, ToolboxSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "openapi.json"
@@ -78,7 +78,7 @@ def _model_schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, 
     return schema
 
 
-# The answer types of shared.view_models and the component each becomes, in document order.
+# The answer types of shared.usecases.view_models and the component each becomes, in document order.
 VIEW_COMPONENTS: dict[Any, str] = {ProgressEvent: "Progress", ToolboxSummary: "ToolboxSummary", ServerView: "Server"}
 
 
@@ -95,7 +95,7 @@ class _Untitled(GenerateJsonSchema):
 
 
 def _renamed_refs(node: Any, names: dict[str, str]) -> Any:
-    """`node` with every `$ref` to a shared.view_models type pointing at its component."""
+    """`node` with every `$ref` to a shared.usecases.view_models type pointing at its component."""
     if isinstance(node, dict):
         return {key: (f"#/components/schemas/{names[value]}" if key == "$ref" else _renamed_refs(value, names))
                 for key, value in node.items()}
@@ -105,14 +105,15 @@ def _renamed_refs(node: Any, names: dict[str, str]) -> Any:
 
 
 def _view_schemas() -> dict[str, Any]:
-    """`Progress`, `ToolboxSummary` and `Server`, generated from the types `shared.view` builds the answer with."""
+    """`Progress`, `ToolboxSummary` and `Server`, generated from the types the answer is built with
+    (shared/usecases/view_models.py)."""
     names = {kind.__name__: component for kind, component in VIEW_COMPONENTS.items()}
     server = TypeAdapter(ServerView).json_schema(mode="serialization", ref_template="{model}",
                                                  schema_generator=_Untitled)
     found = {"ServerView": server, **server.pop("$defs", {})}
     unnamed = sorted(set(found) - set(names))
     if unnamed:
-        raise LookupError(f"shared.view_models types without a component name in VIEW_COMPONENTS: {unnamed}")
+        raise LookupError(f"shared.usecases.view_models types without a component name in VIEW_COMPONENTS: {unnamed}")
     return {names[key]: _renamed_refs(found[key], names) for key in names}
 
 

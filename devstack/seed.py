@@ -21,7 +21,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ops.rows import insert_toolbox
-from shared.toolbox_keys import derive_key, token_digest
+from shared.core.toolbox_keys import derive_key, token_digest
 
 DEMO_EMAIL = "demo@example.test"
 DEMO_TOOLBOX_NAME = "demo-toolbox"

@@ -37,7 +37,7 @@ import httpx
 
 from devstack import database, embedded_pg, seed
 from devstack.server import PREFIX, Dispatcher, HttpServer, load_function
-from shared.config import ConfigError
+from shared.core.config import ConfigError
 
 log = logging.getLogger("devstack.stack")
 
@@ -69,7 +69,7 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived while starting."""
 
 
-# The functions' liveness settings (shared/config.py's defaults: the real DTMA beats every 60 s) and
+# The functions' liveness settings (shared/core/config.py's defaults: the real DTMA beats every 60 s) and
 # the stand-in's own period. They are separate on purpose: a real agent registered on the local stack
 # beats every 60 s, whatever the stand-in does. The demo shortens both so a silent toolbox shows in
 # seconds; the stand-in never beats less often than the functions expect.
@@ -102,7 +102,7 @@ class Options:
 
     @property
     def stale_after(self) -> int:
-        """Seconds of silence after which the functions call a toolbox stale (shared/config.py)."""
+        """Seconds of silence after which the functions call a toolbox stale (shared/core/config.py)."""
         return 3 * self.functions_heartbeat_interval + self.functions_heartbeat_grace
 
     @property
@@ -257,7 +257,7 @@ def _socket_in_data_dir(url: str) -> bool:
 
 
 def _log_to_file(path: Path) -> logging.Handler:
-    from shared.logging import RedactingFilter
+    from shared.adapters.logging import RedactingFilter
 
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=2, encoding="utf-8")
@@ -380,7 +380,7 @@ class Stack:
             self.say(f"    ignoring {', '.join(ignored)} from the environment: the local stack uses its own secrets")
 
         def load_all() -> None:
-            from shared import db as shared_db
+            from shared.adapters import db as shared_db
 
             self._cleanup.callback(self._stopped, "database pools", shared_db.close_all)
             for name in FUNCTIONS:

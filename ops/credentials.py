@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from shared.toolbox_keys import derive_key
+from shared.core.toolbox_keys import derive_key
 
 KEY_MODES = ("derived", "legacy")
 HEARTBEAT_PLACEHOLDER = "<URL of the dtma_heartbeat_ingest function>"

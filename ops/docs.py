@@ -11,8 +11,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from shared import lifecycle
-from shared.config import ALL_FUNCTIONS, Settings
+from shared.core import lifecycle
+from shared.core.config import ALL_FUNCTIONS, Settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 _SHORT = {"deploy_mcp_server": "deploy", "manage_mcp_server": "manage", "mcp_status": "status",

@@ -13,7 +13,7 @@ the deploy target, python312 on Linux x86_64). Extras (`local`, `dev`: pgserver,
 never followed. Output is deterministic: same files, same bytes, same modes, same mtimes.
 
 Plan: which plain settings and which Secret Manager secrets each function gets. Every setting of
-`shared/config.py` declares its readers (`used_by`), so a function is only given what it reads;
+`shared/core/config.py` declares its readers (`used_by`), so a function is only given what it reads;
 each function's configuration is then checked with the same `load_settings` the function runs at
 start-up, so a deploy that would start broken is refused before anything is touched. The functions
 are those of `ALL_FUNCTIONS` there. Settings the deploy itself provides (`--deploy-env`: the Cloud
@@ -92,7 +92,7 @@ class PackagingError(Exception):
     """The build or plan is refused; the message says why and what to do."""
 
 
-# --- the settings catalog, from shared/config.py -------------------------------------------------
+# --- the settings catalog, from shared/core/config.py -------------------------------------------------
 
 @dataclass(frozen=True)
 class Setting:
@@ -116,8 +116,8 @@ class Catalog:
 
 
 def load_config(root: Path) -> ModuleType:
-    """Import `<root>/shared/config.py` itself (not whatever `shared` is importable)."""
-    path = root / "shared" / "config.py"
+    """Import `<root>/shared/core/config.py` itself (not whatever `shared` is importable)."""
+    path = root / "shared" / "core" / "config.py"
     if not path.is_file():
         raise PackagingError(f"{path} not found: --root / MCP_ROOT must name the project's tree")
     name = f"_mcp_deploy_config_{abs(hash(str(path.resolve())))}"
@@ -133,7 +133,7 @@ def load_config(root: Path) -> ModuleType:
     except ModuleNotFoundError as exc:
         del sys.modules[name]
         raise PackagingError(
-            f"{sys.executable} cannot import {exc.name!r} (needed by shared/config.py): run deploy.sh with "
+            f"{sys.executable} cannot import {exc.name!r} (needed by shared/core/config.py): run deploy.sh with "
             "the project's environment (PYTHON=/path/to/python, or ./deploy.sh local once to create .venv)"
         ) from None
     finally:
@@ -274,7 +274,7 @@ def parse_secret_flags(catalog: Catalog, flags: Iterable[str], defaults: bool
         if not sep:
             problems.append(f"--secret {flag}: expected ENV=SECRET_NAME[:VERSION]")
         elif setting is None:
-            problems.append(f"--secret {flag}: {env} is not a setting of shared/config.py")
+            problems.append(f"--secret {flag}: {env} is not a setting of shared/core/config.py")
         elif not setting.secret:
             problems.append(f"--secret {flag}: {env} is not a secret; put it in --env-file")
         elif not ref:
@@ -294,7 +294,7 @@ def parse_deploy_env(catalog: Catalog, values: Iterable[str], urls: Iterable[str
                      ) -> tuple[dict[str, str], dict[str, str], list[str], list[str]]:
     """The settings the deploy provides: `KEY=VALUE` and `KEY=FUNCTION` (that function's URL).
     Returns the values (URLs as placeholders), stand-ins to validate them with, problems, warnings.
-    A setting shared/config.py does not declare is read by no function: it is left out, with a warning."""
+    A setting shared/core/config.py does not declare is read by no function: it is left out, with a warning."""
     provided, check, problems, undeclared = {}, {}, [], []
     for flag, is_url in [*((v, False) for v in values), *((u, True) for u in urls)]:
         key, sep, value = flag.partition("=")
@@ -312,14 +312,14 @@ def parse_deploy_env(catalog: Catalog, values: Iterable[str], urls: Iterable[str
         if is_url:
             entry = value.replace("-", "_")
             if entry not in catalog.functions:
-                problems.append(f"{key} is the URL of {value}, which shared/config.py does not list "
+                problems.append(f"{key} is the URL of {value}, which shared/core/config.py does not list "
                                 f"(one of: {', '.join(catalog.functions)})")
                 continue
             provided[setting.name] = url_placeholder(entry)
             check[setting.name] = f"https://{function_name(entry)}-placeholder-uc.a.run.app"
         else:
             provided[setting.name] = check[setting.name] = value
-    warnings = [f"the deploy sets {', '.join(undeclared)}, which shared/config.py does not declare: "
+    warnings = [f"the deploy sets {', '.join(undeclared)}, which shared/core/config.py does not declare: "
                 "no function gets it"] if undeclared else []
     return provided, check, problems, warnings
 
@@ -351,7 +351,7 @@ def build_plan(root: Path, project: str = "", env_file: Path | None = None, secr
         elif _CONTROL.search(value):
             plan.problems.append(f"--env-file: the value of {key} holds a control character")
         elif setting is None:
-            plan.warnings.append(f"{key} (--env-file) is not a setting of shared/config.py; "
+            plan.warnings.append(f"{key} (--env-file) is not a setting of shared/core/config.py; "
                                  "every function gets it")
     if plan.problems:
         return plan

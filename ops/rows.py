@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from shared.toolbox_keys import token_digest
+from shared.core.toolbox_keys import token_digest
 
 
 def insert_toolbox(conn: Any, *, user_id: str, name: str, toolbox_id: str | None = None, status: str = "active",

@@ -14,14 +14,14 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from shared.config import Settings, load_settings
-from shared.db import Database, get_database
-from shared.logging import setup_logging
+from shared.adapters.db import Database, get_database
+from shared.adapters.logging import setup_logging
+from shared.core.config import Settings, load_settings
 
 if TYPE_CHECKING:
-    from shared.auth import JwtVerifier
-    from shared.dtma import DtmaClient
-    from shared.tasks import Queue
+    from shared.adapters.auth import JwtVerifier
+    from shared.adapters.dtma import DtmaClient
+    from shared.adapters.tasks import Queue
 
 
 @dataclass
@@ -35,24 +35,24 @@ class Runtime:
 
     @functools.cached_property
     def verifier(self) -> JwtVerifier:
-        from shared.auth import verifier_from_settings
+        from shared.adapters.auth import verifier_from_settings
 
         return verifier_from_settings(self.settings)
 
     @functools.cached_property
     def dtma(self) -> DtmaClient:
-        from shared.dtma import DtmaClient
+        from shared.adapters.dtma import DtmaClient
 
         return DtmaClient.from_settings(self.settings)
 
     @functools.cached_property
     def tasks(self) -> Queue:
         """Where recorded commands go: Cloud Tasks, or (inline) this process's own worker."""
-        from shared import tasks
+        from shared.adapters import tasks
 
         if self.settings.tasks_mode == "cloud_tasks":
             return tasks.CloudTasksQueue(self.settings)
-        from shared import commands
+        from shared.usecases import commands
 
         return tasks.InlineQueue(lambda command_id: commands.execute(self, command_id))
 

@@ -42,7 +42,7 @@ def database_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        from shared.db import close_all
+        from shared.adapters.db import close_all
 
         close_all()
         if server is not None:
@@ -52,7 +52,7 @@ def database_url() -> Iterator[str]:
 @pytest.fixture
 def pg(database_url: str) -> Iterator[psycopg.Connection]:
     """A superuser/owner connection for arranging and asserting; tables are emptied after."""
-    from shared import background
+    from shared.adapters import background
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         try:
@@ -71,7 +71,7 @@ def factory(pg: psycopg.Connection) -> Factory:
 @pytest.fixture(scope="session")
 def postgres_db(database_url: str) -> Iterator[object]:
     """The production `postgres` transport on the test database."""
-    from shared.db.postgres import PostgresDatabase
+    from shared.adapters.db.postgres import PostgresDatabase
 
     db = PostgresDatabase(database_url, max_size=4)
     yield db

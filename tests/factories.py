@@ -15,7 +15,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from ops.rows import insert_toolbox
-from shared.toolbox_keys import derive_key
+from shared.core.toolbox_keys import derive_key
 
 MASTER_SECRET = "test-master-secret-for-dtma-keys-0123456789"
 GENERIC_MCP_CATALOG_ID = "00000000-0000-0000-0000-000000000001"

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from flask.testing import FlaskClient
 
-from shared import background
+from shared.adapters import background
 from tests.conftest import JWT_SECRET, ROOT
 from tests.factories import MASTER_SECRET
 from tests.jwt_helpers import mint_hs256

@@ -296,7 +296,9 @@ class JwksServer:
       single refetch.
     * ``status`` (default 200) makes the endpoint fail, e.g. ``server.status = 503``.
       ``body`` (bytes) replaces the response body, e.g. to serve HTML. ``delay_seconds``
-      slows each response, so concurrent callers overlap.
+      slows each response, so concurrent callers overlap. ``drip_seconds`` sends the body
+      16 bytes at a time with that pause between pieces (an endpoint that trickles).
+      ``redirect_to`` (a URL) answers ``302 Found`` with that ``Location`` instead.
 
     Use it as a context manager, or call :meth:`close`. ``url`` is the full JWKS URL.
     """
@@ -306,6 +308,8 @@ class JwksServer:
         self.status = 200
         self.body: bytes | None = None
         self.delay_seconds = 0.0
+        self.drip_seconds = 0.0
+        self.redirect_to: str | None = None
         self._count = 0
         self._count_lock = threading.Lock()
         self._closed = False
@@ -324,12 +328,25 @@ class JwksServer:
                 if self.path.split("?", 1)[0] != _JWKS_PATH:
                     self.send_error(404)
                     return
+                if server.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 payload = server.body if server.body is not None else json.dumps({"keys": list(server.keys)}).encode()
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                piece = 16 if server.drip_seconds else len(payload) or 1
+                try:
+                    for start in range(0, len(payload), piece):
+                        self.wfile.write(payload[start : start + piece])
+                        self.wfile.flush()
+                        time.sleep(server.drip_seconds)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout and size-limit tests expect that)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean

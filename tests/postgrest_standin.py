@@ -1,6 +1,6 @@
 """A PostgREST-RPC test double: NOT PostgREST, only the slice our `supabase` transport uses.
 
-`shared.db.supabase_rpc` calls `POST /rest/v1/rpc/<fn>` through supabase-py. This double
+`shared.adapters.db.supabase_rpc` calls `POST /rest/v1/rpc/<fn>` through supabase-py. This double
 answers that one request shape against the test database, closely enough that the transport
 contract tests (tests/test_db_transports.py) run the same cases on both transports:
 

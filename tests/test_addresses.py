@@ -8,7 +8,7 @@ import ipaddress
 import psycopg
 import pytest
 
-from shared.addresses import INTERNAL_NETWORKS, is_internal
+from shared.core.addresses import INTERNAL_NETWORKS, is_internal
 
 
 def _edges() -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests for shared.auth: Supabase user JWT verification.
+"""Tests for shared.adapters.auth: Supabase user JWT verification.
 
 Every token is really signed (tests/jwt_helpers.py), and JWKS tests talk to a real HTTP server
 on 127.0.0.1. Each refusal asserts on the reason text, because the reason is the contract:
@@ -17,8 +17,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
 
-from shared.auth import AuthError, AuthUnavailable, JwtVerifier, UserClaims
+from shared.adapters.auth import AuthError, AuthUnavailable, JwtVerifier, UserClaims
 from tests.jwt_helpers import (
     DEFAULT_HS256_SECRET,
     OMIT,
@@ -445,6 +447,32 @@ def test_jwks_entries_that_cannot_be_used_are_skipped(pair: EcKeyPair, server: J
     assert "is unknown" in refused(verifier, EcKeyPair(kid="encryption-key").mint_es256()).reason
 
 
+def test_jwks_entries_that_trip_pyjwkset_are_skipped(pair: EcKeyPair, server: JwksServer) -> None:
+    # PyJWKSet raises on some entries instead of skipping them (KeyError for an oct key without
+    # "k", TypeError for a list as "alg"). One odd entry must not take down authentication.
+    server.keys[:] = [
+        {"kty": "oct", "kid": "no-k"},
+        {**EcKeyPair().jwk, "kid": "list-alg", "alg": ["ES256"]},
+        {**EcKeyPair().jwk, "kid": "dict-alg", "alg": {}},
+        {**EcKeyPair().jwk, "kid": 7},
+        pair.jwk,
+    ]
+    verifier = JwtVerifier(jwks_url=server.url)
+
+    assert verifier.verify(pair.mint_es256()).role == "authenticated"
+    assert JwtVerifier(jwks={"keys": server.keys}).verify(pair.mint_es256()).role == "authenticated"
+
+
+def test_jwks_key_of_another_algorithm_is_not_used(server: JwksServer) -> None:
+    # An EC P-384 key without "alg" would verify ES384, which is not on the allow-list.
+    p384 = ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP384R1()).public_key(), as_dict=True)
+    server.keys[:] = [{**p384, "kid": "p384", "use": "sig"}]
+    verifier = JwtVerifier(jwks_url=server.url)
+    token = encode_compact({"alg": "ES256", "kid": "p384"}, {"sub": new_user_id()}, lambda _: b"x" * 64)
+
+    assert refused(verifier, token).reason == "token signing key 'p384' is unknown"
+
+
 def test_empty_jwks_is_valid_and_every_kid_is_unknown(server: JwksServer) -> None:
     server.keys.clear()  # what a project still on the legacy secret publishes
     verifier = JwtVerifier(jwks_url=server.url)
@@ -501,6 +529,51 @@ def test_jwks_response_that_is_not_a_jwks_raises_auth_unavailable(
 
     assert isinstance(error, AuthUnavailable)
     assert error.reason == "could not fetch signing keys (response is not JSON)"
+
+
+def test_jwks_redirect_is_not_followed(pair: EcKeyPair, server: JwksServer) -> None:
+    # The keys come from the configured URL or not at all.
+    with JwksServer([pair.jwk]) as elsewhere:
+        server.redirect_to = elsewhere.url
+        error = refused(JwtVerifier(jwks_url=server.url), pair.mint_es256())
+
+        assert isinstance(error, AuthUnavailable)
+        assert error.reason == "could not fetch signing keys (HTTP 302)"
+        assert elsewhere.request_count == 0
+
+
+def test_oversized_jwks_response_is_refused(pair: EcKeyPair, server: JwksServer) -> None:
+    server.body = b'{"keys": [], "padding": "' + b"x" * (1024 * 1024) + b'"}'
+
+    error = refused(JwtVerifier(jwks_url=server.url), pair.mint_es256())
+
+    assert isinstance(error, AuthUnavailable)
+    assert error.reason == "could not fetch signing keys (response is larger than 1048576 bytes)"
+
+
+def test_slow_jwks_endpoint_is_given_up_after_the_fetch_timeout(pair: EcKeyPair, server: JwksServer) -> None:
+    server.delay_seconds = 2.0
+    verifier = JwtVerifier(jwks_url=server.url, fetch_timeout_seconds=0.2)
+
+    started = time.monotonic()
+    error = refused(verifier, pair.mint_es256())
+
+    assert time.monotonic() - started < 1.5
+    assert isinstance(error, AuthUnavailable)
+    assert "timed out" in error.reason
+
+
+def test_trickling_jwks_endpoint_is_given_up_after_the_fetch_timeout(pair: EcKeyPair, server: JwksServer) -> None:
+    # Every piece arrives well within the socket timeout, but the whole body takes ~2 s.
+    server.drip_seconds = 0.05
+    verifier = JwtVerifier(jwks_url=server.url, fetch_timeout_seconds=0.3)
+
+    started = time.monotonic()
+    error = refused(verifier, pair.mint_es256())
+
+    assert time.monotonic() - started < 1.5
+    assert isinstance(error, AuthUnavailable)
+    assert error.reason == "could not fetch signing keys (TimeoutError: response took over 0.3 s)"
 
 
 def test_stale_keys_are_used_while_refresh_fails_then_unavailable(
@@ -723,9 +796,39 @@ def test_constructor_refuses_invalid_inline_jwks() -> None:
         JwtVerifier(jwks={"not": "a jwks"})
 
 
-def test_constructor_does_no_network_io() -> None:
-    # Building a verifier at import or config time must not fetch the JWKS.
-    JwtVerifier(jwks_url=closed_port_url())
+def test_constructor_does_no_network_io(server: JwksServer, pair: EcKeyPair) -> None:
+    # Building a verifier at import or config time must not fetch the JWKS: the first token does.
+    verifier = JwtVerifier(hs256_secret=SECRET, jwks_url=server.url)
+    assert server.request_count == 0
+
+    verifier.verify(mint_hs256(SECRET))  # an HS256 token needs no JWKS either
+    assert server.request_count == 0
+
+    verifier.verify(pair.mint_es256())
+    assert server.request_count == 1
+
+
+@pytest.mark.parametrize(
+    "url", ["http://example.com/jwks.json", "http://10.0.0.1/jwks.json", "http://127.0.0.1.example.com/jwks.json"]
+)
+def test_constructor_refuses_plain_http_jwks_url_off_loopback(url: str) -> None:
+    # Keys fetched over plain HTTP could be swapped on the path, and whoever swaps them can
+    # sign tokens for any user.
+    with pytest.raises(ValueError, match="plain http is allowed only to a loopback host"):
+        JwtVerifier(jwks_url=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://abcdefghijklmnop.supabase.co/auth/v1/.well-known/jwks.json",
+        "http://127.0.0.1:54321/auth/v1/.well-known/jwks.json",
+        "http://localhost:54321/auth/v1/.well-known/jwks.json",
+        "http://[::1]:54321/auth/v1/.well-known/jwks.json",
+    ],
+)
+def test_constructor_accepts_https_and_loopback_http_jwks_url(url: str) -> None:
+    assert JwtVerifier(jwks_url=url).allowed_algorithms == {"ES256", "RS256"}
 
 
 def test_zero_cache_lifetime_still_respects_the_rate_limit(

@@ -22,8 +22,8 @@ from flask.testing import FlaskClient
 
 from devstack.cloud_tasks import CloudTasksEmulator
 from devstack.server import HttpServer
-from shared.config import load_settings
-from shared.tasks import CloudTasksQueue, EnqueueFailed
+from shared.adapters.tasks import CloudTasksQueue, EnqueueFailed
+from shared.core.config import load_settings
 from tests.factories import Factory
 from tests.helpers import auth, last_command, server_row, spec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import ALL_FUNCTIONS, ConfigError, Settings, load_settings
+from shared.core.config import ALL_FUNCTIONS, ConfigError, Settings, load_settings
 
 
 def test_missing_everything_is_listed_at_once() -> None:

@@ -26,11 +26,11 @@ import pytest
 import respx
 from postgrest.exceptions import APIError
 
-from shared.config import load_settings
-from shared.db import Database
-from shared.db.postgres import PostgresDatabase
-from shared.db.supabase_rpc import SupabaseDatabase
-from shared.errors import ApiError, DomainError, ServiceUnavailable
+from shared.adapters.db import Database
+from shared.adapters.db.postgres import PostgresDatabase
+from shared.adapters.db.supabase_rpc import SupabaseDatabase
+from shared.core.config import load_settings
+from shared.core.errors import ApiError, DomainError, ServiceUnavailable
 from tests.factories import Factory
 from tests.postgrest_standin import DATABASE_DOWN, GATEWAY_DOWN, PostgrestStandin
 

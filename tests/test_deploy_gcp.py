@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ops.gcp_package import NEVER_SHIP, dict_flag
-from shared.config import ALL_FUNCTIONS, Settings
+from shared.core.config import ALL_FUNCTIONS, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_SH = REPO / "deploy.sh"
@@ -36,7 +36,7 @@ SCHEDULER_SA = f"mcp-sweep-invoker@{PROJECT}.iam.gserviceaccount.com"
 TASKS_SA = f"mcp-tasks-invoker@{PROJECT}.iam.gserviceaccount.com"
 WORKER = "dtma_command_worker"
 QUEUE = "mcp-dtma-commands"
-FUNCTIONS = ALL_FUNCTIONS  # shared/config.py's list; the worker is deployed first (the others get its URL)
+FUNCTIONS = ALL_FUNCTIONS  # shared/core/config.py's list; the worker is deployed first (the others get its URL)
 DEPLOY_ORDER = (WORKER, *(e for e in FUNCTIONS if e != WORKER))
 PRIVATE = {"mcp_status_sweep", WORKER}
 # What deploy.sh tells the functions that enqueue commands (placeholder: the worker's URL).
@@ -213,7 +213,7 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
     # The placeholder is double-quoted in the printed line, so that pasting the plan expands it.
     assert '--set-env-vars="^|^COMMAND_INVOKER_SA=' in result.stdout
 
-    # Every function: only the settings and secrets it reads (used_by in shared/config.py).
+    # Every function: only the settings and secrets it reads (used_by in shared/core/config.py).
     for entry in FUNCTIONS:
         argv = by_name[kebab(entry)]
         assert f"--entry-point={entry}" in argv and f"--source=build/gcp/{entry}" in argv
@@ -506,7 +506,7 @@ def test_a_python_without_the_dependencies_is_refused(tree: Path, env_file: Path
     assert "could not compute the deploy plan" in result.stderr and "PYTHON=" in result.stderr
     assert not log.exists()
 
-    (tree / "shared" / "config.py").write_text("import not_a_module_anywhere\n")
+    (tree / "shared" / "core" / "config.py").write_text("import not_a_module_anywhere\n")
     result = deploy(tree, log, *complete_args(env_file))
     assert result.returncode == 2
     assert "refusing to deploy" in result.stderr and "'not_a_module_anywhere'" in result.stderr
@@ -601,7 +601,7 @@ def test_package_contains_main_shared_and_pinned_requirements(tree: Path) -> Non
     out = tree / "build" / "gcp" / "mcp_status"
     assert [p.name for p in (tree / "build" / "gcp").iterdir()] == ["mcp_status"]
     assert (out / "main.py").read_text() == "# placeholder for mcp_status\n"
-    assert (out / "shared" / "__init__.py").is_file() and (out / "shared" / "config.py").is_file()
+    assert (out / "shared" / "__init__.py").is_file() and (out / "shared" / "core" / "config.py").is_file()
     assert not list(out.rglob("__pycache__")) and not list(out.rglob("*.pyc"))
     shipped = {str(p.relative_to(out / "shared")) for p in (out / "shared").rglob("*.py")}
     source = {str(p.relative_to(tree / "shared")) for p in (tree / "shared").rglob("*.py")}

@@ -346,13 +346,13 @@ def test_a_refresh_reports_dtma_faults_in_the_answer(function_client: Any, facto
 # --- database faults ---------------------------------------------------------------------------------------
 
 def with_app_name(url: str, name: str) -> str:
-    """A distinct URL (so the function gets its own pool, see shared.db.get_database) whose
+    """A distinct URL (so the function gets its own pool, see shared.adapters.db.get_database) whose
     connections are recognisable in pg_stat_activity."""
     return f"{url}{'&' if '?' in url else '?'}application_name={name}"
 
 
 def forget_pool(url: str) -> None:
-    from shared import db
+    from shared.adapters import db
 
     with db._lock:
         for key in [k for k in db._instances if k.endswith(url)]:

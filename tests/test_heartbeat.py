@@ -13,7 +13,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from shared import runtime
-from shared.db.postgres import PostgresDatabase
+from shared.adapters.db.postgres import PostgresDatabase
 from tests.factories import Factory, Toolbox
 from tests.helpers import CountingCursor, beat, container
 
@@ -313,7 +313,7 @@ def test_one_database_round_trip_per_heartbeat(function_client: Any, factory: Fa
 
 def test_concurrent_heartbeats_of_one_toolbox_serialize(factory: Factory, postgres_db: PostgresDatabase,
                                                         pg: psycopg.Connection) -> None:
-    from shared.reports import build_report
+    from shared.usecases.reports import build_report
 
     box = factory.toolbox()
     names = [f"srv-{n}" for n in range(10)]
@@ -342,7 +342,7 @@ def test_concurrent_heartbeats_of_one_toolbox_serialize(factory: Factory, postgr
 
 def test_heartbeats_of_different_toolboxes_do_not_wait_for_each_other(
         factory: Factory, postgres_db: PostgresDatabase, database_url: str) -> None:
-    from shared.reports import build_report
+    from shared.usecases.reports import build_report
 
     box_a, box_b = factory.toolbox(), factory.toolbox()
     report = build_report(beat(container("srv")))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import flask
 import pytest
 
-from shared.config import load_settings
-from shared.errors import ApiError
-from shared.http import Call, Reply, serve, subpath
+from shared.adapters.http import Call, Reply, serve, subpath
+from shared.core.config import load_settings
+from shared.core.errors import ApiError
 
 BROWSER_PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                      "Access-Control-Request-Headers": "apikey,authorization,content-type,x-client-info"}

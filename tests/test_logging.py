@@ -9,8 +9,8 @@ import logging
 import flask
 import pytest
 
-from shared import logging as mcp_logging
-from shared.config import load_settings
+from shared.adapters import logging as mcp_logging
+from shared.core.config import load_settings
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """No secret reaches a log: a realistic run through every function, captured exactly as
 production writes it, scanned for every token, key, JWT, secret and env value it handled.
 
-Production logging is what `shared.logging.setup_logging` installs: ONE handler on the root
+Production logging is what `shared.adapters.logging.setup_logging` installs: ONE handler on the root
 logger (readable text locally, Cloud Logging JSON on Google Cloud) with `RedactingFilter` on the
 handler. This test installs it through that same function (into a buffer instead of
 stderr/stdout, at DEBUG so library debug lines are included) and takes the other redacting
@@ -27,8 +27,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from shared import logging as shared_logging
-from shared.config import load_settings
+from shared.adapters import logging as shared_logging
+from shared.core.config import load_settings
 from tests.conftest import JWT_SECRET
 from tests.factories import MASTER_SECRET, Factory
 from tests.helpers import beat, closed_port, container, settle, spec
@@ -105,7 +105,7 @@ def run_everything(function_client: Any, toolbox_agent: Any, factory: Factory, p
 
     # A bug in the DTMA client whose exception quotes the key and an env value: the command fails
     # in the worker, its traceback logged.
-    from shared.dtma import DtmaClient
+    from shared.adapters.dtma import DtmaClient
 
     def explode(self: Any, target: Any, dtma_body: Any, budget: float) -> Any:
         raise RuntimeError(f"unexpected: Authorization: Bearer {target.key} with {dtma_body['baseConfigOverrideJson']}")
@@ -156,7 +156,7 @@ def run_everything(function_client: Any, toolbox_agent: Any, factory: Factory, p
 def test_no_secret_reaches_the_production_log(production_log: io.StringIO, function_client: Any,
                                               toolbox_agent: Any, factory: Factory, pg: psycopg.Connection,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared import db
+    from shared.adapters import db
 
     pools = set(db._instances)
     try:

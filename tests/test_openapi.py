@@ -1,6 +1,6 @@
 """docs/openapi.json and the checker the local stack's tests and `--demo` use (devstack.openapi).
 
-Without a database: the server schemas are generated from the types `shared.view` builds the answer
+Without a database: the server schemas are generated from the types `shared.usecases.view` builds the answer
 with, every kind of server `server_json` renders matches them, and the checker (jsonschema, Draft
 2020-12, `$ref`s resolved in the document) refuses wrong answers: an undocumented or missing
 field, a null or a value the document does not allow, at any depth, and an undocumented status or
@@ -20,9 +20,9 @@ import pytest
 
 from devstack import openapi
 from devstack.openapi import SchemaMismatch, check_response, validate
-from shared.config import Settings
-from shared.view import server_json
-from shared.view_models import ProgressEvent, ServerView, ToolboxSummary
+from shared.core.config import Settings
+from shared.usecases.view import server_json
+from shared.usecases.view_models import ProgressEvent, ServerView, ToolboxSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.loads((ROOT / "docs" / "openapi.json").read_text())

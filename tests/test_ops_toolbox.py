@@ -21,7 +21,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from ops import credentials, toolbox
-from shared.toolbox_keys import derive_key
+from shared.core.toolbox_keys import derive_key
 from tests.factories import MASTER_SECRET, Factory
 
 HEARTBEAT_URL = "http://127.0.0.1:54321/functions/v1/dtma_heartbeat_ingest"

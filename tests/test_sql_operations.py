@@ -7,9 +7,9 @@ import itertools
 import psycopg
 import pytest
 
-from shared import lifecycle
-from shared.db.postgres import PostgresDatabase
-from shared.errors import DomainError
+from shared.adapters.db.postgres import PostgresDatabase
+from shared.core import lifecycle
+from shared.core.errors import DomainError
 from tests.factories import Factory
 
 POLICY = {"port_low": 49152, "port_high": 49155, "dtma_port": 30000, "allow_internal": True}

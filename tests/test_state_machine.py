@@ -9,8 +9,8 @@ import json
 import psycopg
 import pytest
 
-from shared import lifecycle
-from shared.db.postgres import PostgresDatabase
+from shared.adapters.db.postgres import PostgresDatabase
+from shared.core import lifecycle
 from tests.factories import Factory
 from tests.helpers import transition
 

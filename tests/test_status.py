@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 
 from devstack.dtma_standin import StandInAgent
 from shared import runtime
-from shared.db.postgres import PostgresDatabase
+from shared.adapters.db.postgres import PostgresDatabase
 from tests.conftest import JWT_SECRET
 from tests.factories import Factory, Toolbox
 from tests.helpers import CountingCursor, beat, container

@@ -1,4 +1,4 @@
-"""Status groups are named once (shared/lifecycle.py) and spelled out in SQL where they must be
+"""Status groups are named once (shared/core/lifecycle.py) and spelled out in SQL where they must be
 (partial index predicates, the sweep's and the heartbeat's filters): every list of statuses in
 sql/migrations/ must be exactly one of the named groups, so a status added to a group in one place
 and forgotten in another fails here."""
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from shared import lifecycle
+from shared.core import lifecycle
 from tests.conftest import ROOT
 
 _LIST = re.compile(r"\bin \(((?:\s*'[a-z_]+',?)+)\s*\)")
@@ -35,4 +35,4 @@ def test_the_sql_has_status_lists_to_check() -> None:
 @pytest.mark.parametrize(("where", "values"), _status_lists(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_status_list_in_sql_is_a_named_group(where: str, values: frozenset[str]) -> None:
     named = [name for name, group in lifecycle.STATUS_GROUPS.items() if {str(g) for g in group} == values]
-    assert named, f"{where} is not one of shared/lifecycle.py STATUS_GROUPS"
+    assert named, f"{where} is not one of shared/core/lifecycle.py STATUS_GROUPS"

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from flask.testing import FlaskClient
 
-from shared.db.postgres import PostgresDatabase
+from shared.adapters.db.postgres import PostgresDatabase
 from tests.factories import Factory, Toolbox
 
 FN = "mcp_status_sweep"

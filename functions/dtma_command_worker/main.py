@@ -1,12 +1,13 @@
 """dtma_command_worker: Cloud Tasks delivers one agent command here (IAM-private, OIDC token from
 the queue's service account); it runs the command against the toolbox's DTMA and records the
-outcome. The logic is in shared/commands.py and the SQL functions of 0008_commands.sql."""
+outcome. The logic is in shared/usecases/commands.py and the SQL functions of 0008_commands.sql."""
 
 import flask
 import functions_framework
 
-from shared import commands, runtime
-from shared.http import serve
+from shared import runtime
+from shared.adapters.http import serve
+from shared.usecases import commands
 
 FUNCTION = "dtma_command_worker"
 RUNTIME = runtime.load(FUNCTION)

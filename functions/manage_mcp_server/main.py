@@ -1,12 +1,13 @@
 """manage_mcp_server: start, stop, restart or remove one of the caller's MCP servers.
 `POST /<id>/start|stop|restart`, `DELETE /<id>`, or `POST {instance_id, action}`.
-The logic is in shared/manage.py."""
+The logic is in shared/usecases/manage.py."""
 
 import flask
 import functions_framework
 
-from shared import manage, runtime
-from shared.http import serve
+from shared import runtime
+from shared.adapters.http import serve
+from shared.usecases import manage
 
 FUNCTION = "manage_mcp_server"
 RUNTIME = runtime.load(FUNCTION)

@@ -1,12 +1,13 @@
 """mcp_status_sweep: Cloud Scheduler POSTs here (IAM-private, no user JWT) to mark silent toolboxes
-unresponsive and fail transitions past their deadline. The logic is in shared/sweep.py and the
+unresponsive and fail transitions past their deadline. The logic is in shared/usecases/sweep.py and the
 SQL function cp_sweep."""
 
 import flask
 import functions_framework
 
-from shared import runtime, sweep
-from shared.http import serve
+from shared import runtime
+from shared.adapters.http import serve
+from shared.usecases import sweep
 
 FUNCTION = "mcp_status_sweep"
 RUNTIME = runtime.load(FUNCTION)

@@ -2,7 +2,7 @@
 --
 -- Every status change goes through public.cp_apply_instance_transition, which checks the pair
 -- (from, to) and the source against the table below, updates the row and appends the event in
--- the same transaction. The same table is mirrored in shared/lifecycle.py (a test keeps the two
+-- the same transaction. The same table is mirrored in shared/core/lifecycle.py (a test keeps the two
 -- equal) and drawn in docs/data-model.md.
 --
 -- Domain errors use SQLSTATEs of the made-up class "MC" so both database transports (psycopg

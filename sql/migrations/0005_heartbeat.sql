@@ -2,7 +2,7 @@
 -- instance on it and writes the events, in one transaction (W23: the original made 1 + 1 + N
 -- round trips and could write any instance of any toolbox, W1).
 --
--- The caller (shared/heartbeat.py) has already parsed and validated the payload and turned each
+-- The caller (shared/usecases/heartbeat.py) has already parsed and validated the payload and turned each
 -- item into an observation with a target status, so this function only matches and applies:
 --
 -- p_report = {

@@ -94,7 +94,7 @@ as $$
 $$;
 
 -- Addresses the backend must never send a toolbox key to: a user who could point their toolbox at
--- one would make the backend talk to itself or its own network (SSRF). shared/addresses.py holds
+-- one would make the backend talk to itself or its own network (SSRF). shared/core/addresses.py holds
 -- the same list for the DTMA client, which checks again just before connecting;
 -- tests/test_addresses.py feeds both the same table of addresses.
 create or replace function public.cp_address_is_internal(p_address inet)
@@ -280,7 +280,7 @@ $$;
 -- Manage, step 1: check the action is allowed now, record the transitional status, and return
 -- the instance and its toolbox for the DTMA call. p_plan maps each status the action may start
 -- from to the status it records (restart: running -> stopping, stopped/error -> starting), as
--- defined in shared/lifecycle.py ACTIONS.
+-- defined in shared/core/lifecycle.py ACTIONS.
 -- ---------------------------------------------------------------------------------------------
 create or replace function public.cp_begin_action(
   p_user_id uuid, p_instance_id uuid, p_action text, p_plan jsonb, p_message text,

@@ -17,8 +17,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared import lifecycle
-from shared.errors import ApiError, from_validation
+from shared.core import lifecycle
+from shared.core.errors import ApiError, from_validation
 
 MAX_ITEMS = 5000
 

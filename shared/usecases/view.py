@@ -1,5 +1,5 @@
 """A server as the API shows it: deploy, manage and mcp_status all answer with this one shape
-(`shared.view_models.ServerView`, from which docs/openapi.json's `Server` is generated).
+(`shared.usecases.view_models.ServerView`, from which docs/openapi.json's `Server` is generated).
 
 The stored status says what the last report said; whether that is still true depends on how long
 ago the toolbox last reported (or last answered a direct read). So every server carries both:
@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared import lifecycle
-from shared.config import Settings
-from shared.usecases_ports import Ports
-from shared.view_models import ServerView
+from shared.core import lifecycle
+from shared.core.config import Settings
+from shared.usecases.ports import Ports
+from shared.usecases.view_models import ServerView
 
 
 def endpoint(ip: str | None, host_port: int | None, path: str | None) -> str | None:
@@ -114,7 +114,7 @@ def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
 
     A plain dict typed by `ServerView`, not a pydantic model: this runs for every row of every
     mcp_status page, and a model would cost several times as much for no check the tests do not
-    already make (shared/view_models.py).
+    already make (shared/usecases/view_models.py).
     """
     box = row["toolbox"]
     age = box["heartbeat_age_seconds"]

@@ -5,11 +5,11 @@ Routes: `POST /<id>/start|stop|restart`, `DELETE /<id>[?force=true]`, and `POST 
 
 Each action records its transitional status and its command in one transaction
 (`cp_begin_action_command`, which checks the state machine and answers 409 naming the current
-status), enqueues the command (shared/tasks.py), and waits up to DTMA_DEPLOY_BUDGET_SECONDS for
+status), enqueues the command (shared/adapters/tasks.py), and waits up to DTMA_DEPLOY_BUDGET_SECONDS for
 the worker to record its outcome: most actions finish well within that and answer 200 (or the
 failure, as the worker recorded it); a slower one (Docker's stop timeout) answers 202 and its
 outcome is recorded when the agent answers. The conversation with the agent and its truth rules
-are the worker's (shared/commands.py, docs/real-agent.md).
+are the worker's (shared/usecases/commands.py, docs/real-agent.md).
 
 Every record can be removed: `force` removes it without asking the agent (an unreachable or
 deleted droplet), saying that whatever ran there is left as it was.
@@ -23,12 +23,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from shared import commands_queue, idempotency, lifecycle, view
-from shared.auth import authenticate
-from shared.errors import ApiError, invalid
-from shared.http import Call, Reply
-from shared.models import ActionRequest, parse
-from shared.usecases_ports import Ports
+from shared.adapters.auth import authenticate
+from shared.adapters.http import Call, Reply
+from shared.core import lifecycle
+from shared.core.errors import ApiError, invalid
+from shared.core.models import ActionRequest, parse
+from shared.usecases import commands_queue, idempotency, view
+from shared.usecases.ports import Ports
 
 _PATH = re.compile(r"^/(?P<id>[0-9a-fA-F-]{36})(?:/(?P<action>start|stop|restart|remove|delete))?/?$")
 _TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no", ""})

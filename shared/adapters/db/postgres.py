@@ -20,9 +20,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from shared.config import Settings
-from shared.db import check_call
-from shared.errors import TRANSIENT_SQLSTATE_CLASSES, ServiceUnavailable, domain_error
+from shared.adapters.db import check_call
+from shared.core.config import Settings
+from shared.core.errors import TRANSIENT_SQLSTATE_CLASSES, ServiceUnavailable, domain_error
 
 log = logging.getLogger("mcp.db")
 

@@ -19,9 +19,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
 
-from shared import lifecycle
-from shared.errors import ApiError, from_validation, invalid
-from shared.http import Call
+from shared.adapters.http import Call
+from shared.core import lifecycle
+from shared.core.errors import ApiError, from_validation, invalid
 
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 50

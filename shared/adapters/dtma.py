@@ -26,9 +26,9 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.addresses import is_internal
-from shared.config import Settings
-from shared.toolbox_keys import derive_key
+from shared.core.addresses import is_internal
+from shared.core.config import Settings
+from shared.core.toolbox_keys import derive_key
 
 log = logging.getLogger("mcp.dtma")
 

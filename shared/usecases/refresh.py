@@ -12,14 +12,14 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from shared import lifecycle
-from shared.db import Database
-from shared.errors import ApiError
-from shared.reports import report_from_tool_status
-from shared.usecases_ports import Ports
+from shared.adapters.db import Database
+from shared.core import lifecycle
+from shared.core.errors import ApiError
+from shared.usecases.ports import Ports
+from shared.usecases.reports import report_from_tool_status
 
 if TYPE_CHECKING:
-    from shared.dtma import DtmaClient
+    from shared.adapters.dtma import DtmaClient
 
 log = logging.getLogger("mcp.status")
 
@@ -65,7 +65,7 @@ def refresh(items: list[dict[str, Any]], user_id: str, ports: Ports) -> dict[str
 
 
 def _apply(future: Future[dict[str, Any]], box: dict[str, Any], user_id: str, db: Database) -> dict[str, Any]:
-    from shared.dtma import DtmaError, DtmaRejected
+    from shared.adapters.dtma import DtmaError, DtmaRejected
 
     try:
         answer = future.result()

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from shared.auth import JwtVerifier
-    from shared.config import Settings
-    from shared.db import Database
-    from shared.dtma import DtmaClient
-    from shared.tasks import Queue
+    from shared.adapters.auth import JwtVerifier
+    from shared.adapters.db import Database
+    from shared.adapters.dtma import DtmaClient
+    from shared.adapters.tasks import Queue
+    from shared.core.config import Settings
 
 
 class Ports(Protocol):

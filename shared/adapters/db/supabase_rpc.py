@@ -17,9 +17,9 @@ import httpx
 from postgrest.exceptions import APIError
 from supabase import Client, ClientOptions, create_client
 
-from shared.config import Settings
-from shared.db import check_call
-from shared.errors import TRANSIENT_SQLSTATE_CLASSES, ServiceUnavailable, domain_error
+from shared.adapters.db import check_call
+from shared.core.config import Settings
+from shared.core.errors import TRANSIENT_SQLSTATE_CLASSES, ServiceUnavailable, domain_error
 
 _CONSTRAINT = re.compile(r'constraint "([^"]+)"')
 # PostgREST's own codes for "could not reach / use the database" (PGRST000-PGRST003).

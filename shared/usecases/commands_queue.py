@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from shared.tasks import EnqueueFailed
-from shared.usecases_ports import Ports
+from shared.adapters.tasks import EnqueueFailed
+from shared.usecases.ports import Ports
 
 log = logging.getLogger("mcp.tasks")
 

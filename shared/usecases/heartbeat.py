@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from shared.errors import ApiError
-from shared.http import Call, Reply
-from shared.reports import build_report
-from shared.usecases_ports import Ports
+from shared.adapters.http import Call, Reply
+from shared.core.errors import ApiError
+from shared.usecases.ports import Ports
+from shared.usecases.reports import build_report
 
 log = logging.getLogger("mcp.heartbeat")
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 
-from shared.config import Settings
+from shared.core.config import Settings
 
 REDACTED = "[REDACTED]"
 _PATTERNS = (
@@ -62,7 +62,7 @@ def request_secrets(values: Iterable[str]) -> Iterator[None]:
         yield
     except Exception as exc:
         # An unexpected exception is logged with its traceback after this block has ended (by
-        # shared.http.serve), when these secrets are no longer current: it carries them along.
+        # shared.adapters.http.serve), when these secrets are no longer current: it carries them along.
         with suppress(AttributeError):
             setattr(exc, _EXCEPTION_SECRETS, (*getattr(exc, _EXCEPTION_SECRETS, ()), *secrets))
         raise

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.auth import authenticate
-from shared.db import Database
-from shared.http import Call, Reply
-from shared.refresh import refresh
-from shared.status_query import Query, encode_cursor, parse_query
-from shared.usecases_ports import Ports
-from shared.view import server_json
+from shared.adapters.auth import authenticate
+from shared.adapters.db import Database
+from shared.adapters.http import Call, Reply
+from shared.usecases.ports import Ports
+from shared.usecases.refresh import refresh
+from shared.usecases.status_query import Query, encode_cursor, parse_query
+from shared.usecases.view import server_json
 
 
 def _read(db: Database, user_id: str, query: Query) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from shared import commands_queue
-from shared.config import Settings
-from shared.db import Database
-from shared.http import Call, Reply
-from shared.usecases_ports import Ports
+from shared.adapters.db import Database
+from shared.adapters.http import Call, Reply
+from shared.core.config import Settings
+from shared.usecases import commands_queue
+from shared.usecases.ports import Ports
 
 log = logging.getLogger("mcp.sweep")
 
@@ -68,7 +68,7 @@ COMMAND_GIVE_UP_SECONDS = 3600
 
 def requeue_commands(rt: Ports) -> dict[str, int]:
     """Commands whose enqueue failed or that the queue lost go to the queue again (the outbox's
-    other half: shared/commands_queue.py); commands that never ran are failed with a reason."""
+    other half: shared/usecases/commands_queue.py); commands that never ran are failed with a reason."""
     found = rt.db.call("cp_commands_to_requeue", p_requeue_after_seconds=COMMAND_REQUEUE_SECONDS,
                        p_give_up_after_seconds=COMMAND_GIVE_UP_SECONDS, p_batch_size=rt.settings.SWEEP_BATCH_SIZE)
     requeued = 0

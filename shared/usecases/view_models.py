@@ -1,6 +1,6 @@
 """The one definition of a server as the API answers it (deploy, manage and mcp_status).
 
-`shared.view.server_json` builds a `ServerView`; `devstack.openapi` generates the document's
+`shared.usecases.view.server_json` builds a `ServerView`; `devstack.openapi` generates the document's
 `Server`, `ToolboxSummary` and `Progress` schemas from these types (a pydantic TypeAdapter), so the
 answer and its description cannot drift apart, and the tests check real answers against that
 document.
@@ -8,7 +8,7 @@ document.
 TypedDicts, not pydantic models: `mcp_status` renders up to 100 servers per call, and a model
 would cost 3.4 times what building the dict does when validated and dumped, 6 times with
 `model_construct` (0.72 ms for 100 servers, against 2.5 and 4.5 ms). The values are already
-decided by the database and `shared.view`; validating them again would only turn a surprise into a
+decided by the database and `shared.usecases.view`; validating them again would only turn a surprise into a
 500.
 
 The values come straight from `cp_list_mcp_servers` (jsonb), so timestamps and ids stay the
@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, WithJsonSchema, with_config
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions before Python 3.12
 
-from shared import lifecycle
+from shared.core import lifecycle
 
 _CLOSED = ConfigDict(extra="forbid")  # additionalProperties: false
 

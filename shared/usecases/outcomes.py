@@ -25,8 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from shared.dtma import DtmaBadResponse, DtmaError, DtmaRejected, DtmaTimeout, DtmaUnreachable
-from shared.lifecycle import DOCKER_DOWN, Status
+from shared.adapters.dtma import DtmaBadResponse, DtmaError, DtmaRejected, DtmaTimeout, DtmaUnreachable
+from shared.core.lifecycle import DOCKER_DOWN, Status
 
 _PORT_TAKEN = re.compile(r"Bind for (?:\[[^\]]*\]|[^ :]+):(\d+) failed: port is already allocated")
 _NAME_TAKEN = re.compile(r'container name "/?([^"]+)" is already in use')

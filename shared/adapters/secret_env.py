@@ -15,7 +15,7 @@ import hmac
 import json
 import os
 
-from shared.config import Settings
+from shared.core.config import Settings
 
 _LABEL = b"mcp-command-env:v1"
 

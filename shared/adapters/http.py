@@ -21,8 +21,8 @@ from typing import Any
 
 import flask
 
-from shared.config import Settings
-from shared.errors import ApiError, ServiceUnavailable
+from shared.core.config import Settings
+from shared.core.errors import ApiError, ServiceUnavailable
 
 log = logging.getLogger("mcp.http")
 

@@ -9,7 +9,7 @@ and invoked with an OIDC token, like the sweep. One delivery:
    the lease) answers 429 with Retry-After, and the queue delivers it again later;
 2. calls the toolbox's agent for as long as the slowest pull takes (DTMA_COMMAND_TIMEOUT_SECONDS),
    recording every step as it happens: `running`, or `error` with the agent's reason turned into a
-   sentence (shared/outcomes.py), the moment the agent answers;
+   sentence (shared/usecases/outcomes.py), the moment the agent answers;
 3. marks the command done or failed (`cp_finish_command`), which erases its sealed environment.
 
 Retries are safe: a deploy delivered again after its first attempt started the container finds
@@ -30,14 +30,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
-from shared import lifecycle, secret_env
-from shared.dtma import AddressRefused, DtmaError, DtmaRejected, Target
-from shared.errors import invalid
-from shared.http import Call, Reply
-from shared.lifecycle import Status
-from shared.logging import redact, request_secrets
-from shared.outcomes import Outcome, from_dtma_error
-from shared.usecases_ports import Ports
+from shared.adapters import secret_env
+from shared.adapters.dtma import AddressRefused, DtmaError, DtmaRejected, Target
+from shared.adapters.http import Call, Reply
+from shared.adapters.logging import redact, request_secrets
+from shared.core import lifecycle
+from shared.core.errors import invalid
+from shared.core.lifecycle import Status
+from shared.usecases.outcomes import Outcome, from_dtma_error
+from shared.usecases.ports import Ports
 
 log = logging.getLogger("mcp.commands")
 

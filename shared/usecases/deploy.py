@@ -5,9 +5,9 @@ Order of events:
 2. record the instance and its deploy command in one transaction (`cp_record_deploy_command`):
    owner, toolbox state (active, Docker up), name and host port are checked under a toolbox lock,
    around every name and port the toolbox reports in use; the instance moves pending_deploy ->
-   deploying with events; the environment values travel sealed in the command (shared/secret_env.py);
-3. enqueue the command (shared/tasks.py) and answer 202 with the server. The command worker
-   (shared/commands.py) holds the agent's synchronous `POST /tools` as long as the pull takes and
+   deploying with events; the environment values travel sealed in the command (shared/adapters/secret_env.py);
+3. enqueue the command (shared/adapters/tasks.py) and answer 202 with the server. The command worker
+   (shared/usecases/commands.py) holds the agent's synchronous `POST /tools` as long as the pull takes and
    records `running`, or `error` with the agent's reason, the moment the agent answers. If the
    queue does not take the task, the command stays recorded and the sweep enqueues it again.
 """
@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import uuid
 
-from shared import commands_queue, idempotency, secret_env, view
-from shared.auth import authenticate
-from shared.errors import ApiError, invalid
-from shared.http import Call, Reply
-from shared.logging import request_secrets
-from shared.models import DeployRequest, parse
-from shared.usecases_ports import Ports
+from shared.adapters import secret_env
+from shared.adapters.auth import authenticate
+from shared.adapters.http import Call, Reply
+from shared.adapters.logging import request_secrets
+from shared.core.errors import ApiError, invalid
+from shared.core.models import DeployRequest, parse
+from shared.usecases import commands_queue, idempotency, view
+from shared.usecases.ports import Ports
 
 log = logging.getLogger("mcp.deploy")
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from shared.config import Settings
+from shared.core.config import Settings
 
 log = logging.getLogger("mcp.tasks")
 
@@ -121,7 +121,7 @@ class InlineQueue:
         self._patience = patience
 
     def enqueue(self, command_id: str, attempt: int) -> None:
-        from shared import background
+        from shared.adapters import background
 
         background.submit(lambda: self._until_done(command_id))
 

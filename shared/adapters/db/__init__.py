@@ -8,7 +8,7 @@ transports implement it and the same tests run on both:
 * `postgres` (psycopg pool, default whenever DATABASE_URL is set): one round trip per call;
 * `supabase` (supabase-py `rpc`): for deployments that only have the project URL and key.
 
-Errors come back as `shared.errors.DomainError` (the SQL refused: 4xx) or `ServiceUnavailable`
+Errors come back as `shared.core.errors.DomainError` (the SQL refused: 4xx) or `ServiceUnavailable`
 (the database could not be reached: 503 with Retry-After), whichever transport is in use.
 """
 
@@ -18,7 +18,7 @@ import re
 import threading
 from typing import Any, Protocol
 
-from shared.config import Settings
+from shared.core.config import Settings
 
 FUNCTION_NAME = re.compile(r"^cp_[a-z0-9_]+$")
 PARAM_NAME = re.compile(r"^p_[a-z0-9_]+$")
@@ -58,11 +58,11 @@ def get_database(settings: Settings) -> Database:
         db = _instances.get(key)
         if db is None:
             if transport == "postgres":
-                from shared.db.postgres import PostgresDatabase
+                from shared.adapters.db.postgres import PostgresDatabase
 
                 db = PostgresDatabase.from_settings(settings)
             elif transport == "supabase":
-                from shared.db.supabase_rpc import SupabaseDatabase
+                from shared.adapters.db.supabase_rpc import SupabaseDatabase
 
                 db = SupabaseDatabase.from_settings(settings)
             else:

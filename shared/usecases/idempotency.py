@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shared.config import Settings
-from shared.db import Database
-from shared.errors import ApiError
-from shared.http import Call, Reply
+from shared.adapters.db import Database
+from shared.adapters.http import Call, Reply
+from shared.core.config import Settings
+from shared.core.errors import ApiError
 
 HEADER = "Idempotency-Key"
 REPLAY_HEADER = "Idempotent-Replayed"

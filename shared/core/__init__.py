@@ -1,0 +1,1 @@
+"""The core: what the service knows and decides, importing nothing of the project but itself."""

@@ -67,7 +67,8 @@ class Settings(BaseSettings):
         None, "Legacy HS256 JWT secret of the Supabase project.", USER_FACING)
     SUPABASE_JWKS_URL: str | None = _setting(
         None, "JWKS of the project's asymmetric signing keys (default: SUPABASE_URL + "
-        "/auth/v1/.well-known/jwks.json).", USER_FACING)
+        "/auth/v1/.well-known/jwks.json). https only (plain http only to a loopback address); redirects are "
+        "not followed.", USER_FACING)
     SUPABASE_JWT_ISSUER: str | None = _setting(
         None, "Required `iss` of user tokens (default: SUPABASE_URL + /auth/v1).", USER_FACING)
 

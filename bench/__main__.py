@@ -34,10 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench import coldstart, commands, deploy, heartbeat, memory, status
-from bench.common import ROOT, World, machine, table
+from bench.common import ROOT, machine, table
+from bench.world import World
 
 DOCS = ROOT / "docs"
 SECTIONS = ("heartbeat", "deploy", "commands", "coldstart", "memory", "status", "sweep", "load")
@@ -48,7 +47,7 @@ CLOUD_RUN_TARGET_CPU = 0.6  # Cloud Run scales out before an instance's CPU pass
 
 def run_sweep(quick: bool) -> dict[str, Any]:
     args = ["--runs", "3", "--reads", "100"] if quick else ["--runs", "5", "--reads", "300"]
-    command = [sys.executable, str(ROOT / "bench" / "sweep.py"), *args]
+    command = [sys.executable, "-m", "bench.sweep", *args]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=str(ROOT), timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -71,7 +70,7 @@ def run_sweep(quick: bool) -> dict[str, Any]:
     seeded = re.search(r"seeded ([\d,]+) toolboxes, ([\d,]+) instances", out)
     if seeded:
         figures["seeded"] = seeded.groups()
-    return {"command": "PYTHONPATH=. python bench/sweep.py " + " ".join(args), "output": out, "figures": figures}
+    return {"command": "python -m bench.sweep " + " ".join(args), "output": out, "figures": figures}
 
 
 def run_load_test(quick: bool) -> dict[str, Any]:
@@ -79,20 +78,20 @@ def run_load_test(quick: bool) -> dict[str, Any]:
     if not path.exists():
         return {"skipped": "bench/load.py does not exist in this tree"}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    helped = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, cwd=str(ROOT),
-                            timeout=120, env=env)
+    helped = subprocess.run([sys.executable, "-m", "bench.load", "--help"], capture_output=True, text=True,
+                            cwd=str(ROOT), timeout=120, env=env)
     option = next((o for o in ("--duration", "--seconds") if o in helped.stdout), None)
     if helped.returncode or option is None:
         return {"skipped": "bench/load.py has no --duration/--seconds option; not run (a load test without a "
                            "bound does not belong in a bounded run)"}
     # At least 3 heartbeat intervals (its own check); its figures go into docs/benchmarks.md, not over
     # docs/load.md, which keeps the load test's own full-length run.
-    command = [sys.executable, str(path), option, "20" if quick else "30"]
+    command = [sys.executable, "-m", "bench.load", option, "20" if quick else "30"]
     if "--docs" in helped.stdout:
         command += ["--docs", ""]
     done = subprocess.run(command, capture_output=True, text=True, cwd=str(ROOT), timeout=600, env=env)
-    shown = " ".join(shlex.quote(a) for a in command[2:])
-    return {"command": f"PYTHONPATH=. python bench/load.py {shown}", "returncode": done.returncode,
+    shown = " ".join(shlex.quote(a) for a in command[3:])
+    return {"command": f"python -m bench.load {shown}", "returncode": done.returncode,
             "output": (done.stdout + ("\n[stderr]\n" + done.stderr[-3000:] if done.returncode else ""))[-20000:]}
 
 

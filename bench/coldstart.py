@@ -39,9 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import FUNCTIONS, ROOT, Server, World, median, percentile, source_of, table
+from bench.common import FUNCTIONS, ROOT, Server, median, percentile, source_of, table
+from bench.world import World
 
 HEAVY = ("supabase", "postgrest", "google.cloud.logging", "pgserver", "jwt", "cryptography", "httpx", "psycopg",
          "psycopg_pool", "pydantic", "pydantic_settings")

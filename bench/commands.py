@@ -38,7 +38,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -46,8 +45,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     COMMAND_QUEUE,

@@ -33,13 +33,10 @@ import argparse
 import base64
 import json
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     DTMA_KEY_SECRET,

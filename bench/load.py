@@ -51,8 +51,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
@@ -140,9 +138,7 @@ def serve_functions(database_url: str, names: tuple[str, ...] = FUNCTIONS) -> It
         os.environ.update(saved)
         for server in servers:
             server.stop()
-        with db._lock:  # the pools of this process, which outlive the servers otherwise
-            for key in [k for k in db._instances if any(k.endswith(url) for url in pools)]:
-                db._instances.pop(key).close()
+        db.close_all(pools)  # the pools of this process, which outlive the servers otherwise
 
 
 @contextmanager

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import FUNCTIONS, World, run_load, sequential_latencies, serving, table
+from bench.common import FUNCTIONS, run_load, sequential_latencies, serving, table
+from bench.world import World
 
 LIMIT_MIB = 160
 

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import World, median, percentile, run_load, sequential_latencies, serving, table
+from bench.common import median, percentile, run_load, sequential_latencies, serving, table
+from bench.world import World
 
 CASES = (("mcp_status", "100 servers (limit=100)"), ("mcp_status_10", "10 servers"))
 

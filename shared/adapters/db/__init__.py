@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from shared.core.config import Settings
@@ -71,8 +72,8 @@ def get_database(settings: Settings) -> Database:
         return db
 
 
-def close_all() -> None:
+def close_all(urls: Iterable[str] | None = None) -> None:
+    """Close the process's pools (only those of `urls`, when given): shutdowns and tests."""
     with _lock:
-        for db in _instances.values():
-            db.close()
-        _instances.clear()
+        for key in [k for k in _instances if urls is None or any(k.endswith(url) for url in urls)]:
+            _instances.pop(key).close()

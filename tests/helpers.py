@@ -44,6 +44,26 @@ def transition(conn: psycopg.Connection, instance_id: str, to: str, source: str,
         (to, source, message, instance_id)).fetchone()[0]
 
 
+def run_concurrently(work: Any, threads: int, timeout: float = 60.0) -> list[BaseException]:
+    """Run `work()` on `threads` threads at once; the exceptions they raised (none, hopefully)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as exc:  # reported to the caller
+            errors.append(exc)
+
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join(timeout)
+    return errors
+
+
 def server_row(pg: psycopg.Connection, instance_id: str) -> tuple[str, str | None]:
     row = pg.execute("select status_on_toolbox::text, instance_error_message from account_tool_instances "
                      "where id = %s", (instance_id,)).fetchone()

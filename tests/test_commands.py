@@ -91,6 +91,13 @@ def deploy(world: Queued, box: Any, **overrides: Any) -> str:
     return response.json["id"]
 
 
+def deployed(world: Queued, box: Any, pg: psycopg.Connection) -> str:
+    """A server deployed through the queue, once the worker has recorded it running."""
+    server = deploy(world, box)
+    world.until(lambda: server_row(pg, server)[0] == "running")
+    return server
+
+
 def tasks_of(world: Queued) -> list[dict[str, Any]]:
     return world.emulator.tasks()
 
@@ -106,8 +113,7 @@ def test_a_deploy_travels_through_the_queue_to_the_worker(queued: Any, toolbox_a
                                                           pg: psycopg.Connection) -> None:
     world = queued()
     box, agent = toolbox_agent()
-    server = deploy(world, box)
-    world.until(lambda: server_row(pg, server)[0] == "running")
+    server = deployed(world, box, pg)
     command = command_id_of(pg, server)
     (task,) = tasks_of(world)
     assert task["name"] == f"{QUEUE}/tasks/{command}-1" and task["state"] == "done" and task["attempts"] == 1
@@ -124,8 +130,7 @@ def test_an_action_answers_inline_when_the_worker_is_quick(queued: Any, toolbox_
                                                            pg: psycopg.Connection) -> None:
     world = queued()
     box, _ = toolbox_agent()
-    server = deploy(world, box)
-    world.until(lambda: server_row(pg, server)[0] == "running")
+    server = deployed(world, box, pg)
     stop = world.client("manage_mcp_server").post(f"/{server}/stop", headers=auth(box.user_id))
     assert stop.status_code == 200 and stop.json["status"] == "stopped", stop.json
 
@@ -134,8 +139,7 @@ def test_a_slow_action_answers_202_and_its_outcome_still_arrives(queued: Any, to
                                                                  pg: psycopg.Connection) -> None:
     world = queued(DTMA_DEPLOY_BUDGET_SECONDS="0.05")
     box, _ = toolbox_agent()
-    server = deploy(world, box)
-    world.until(lambda: server_row(pg, server)[0] == "running")
+    server = deployed(world, box, pg)
     world.emulator.pause(True)  # the queue holds the task beyond the manage function's budget
     stop = world.client("manage_mcp_server").post(f"/{server}/stop", headers=auth(box.user_id))
     assert stop.status_code == 202 and stop.json["status"] == "stopping"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import psycopg
 import pytest
 
 from ops.migrate import SQL_DIR, MigrationError, load_migrations, main, migrate
+from tests.helpers import run_concurrently
 
 SCHEMA_SNAPSHOT = """
 select 'column', table_schema || '.' || table_name || '.' || column_name || ':' || data_type
@@ -118,20 +118,8 @@ def test_a_failing_migration_leaves_nothing_behind(scratch_db: str, tmp_path: Pa
 
 
 def test_concurrent_runners_apply_each_migration_once(scratch_db: str) -> None:
-    reports, errors = [], []
-
-    def run() -> None:
-        try:
-            reports.append(migrate(scratch_db))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    reports: list = []
+    assert run_concurrently(lambda: reports.append(migrate(scratch_db)), 3) == []
     applied = [name for r in reports for name in r.applied]
     assert sorted(applied) == sorted(m.name for m in load_migrations())
 

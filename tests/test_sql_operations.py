@@ -103,18 +103,13 @@ def test_record_deploy_allocates_ports_and_refuses_collisions(factory: Factory, 
         assert recorded["instance"]["status_on_toolbox"] == "deploying"
         assert recorded["instance"]["docker_image_url"] == "mcp/everything:latest"
     assert ports == [49152, 49153, 49154, 49155]
-    with pytest.raises(DomainError, match="no free host port left"):
-        postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id, p_spec=spec(name="s9"),
-                         p_policy=POLICY)
-    with pytest.raises(DomainError, match="host port 49152 is already used"):
-        postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id,
-                         p_spec=spec(name="s8", host_port=49152), p_policy=POLICY)
-    with pytest.raises(DomainError, match="already exists"):
-        postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id, p_spec=spec(name="s0"),
-                         p_policy=POLICY)
-    with pytest.raises(DomainError, match="agent's own port"):
-        postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id,
-                         p_spec=spec(name="s7", host_port=30000), p_policy=POLICY)
+    for request, refusal in ((spec(name="s9"), "no free host port left"),
+                             (spec(name="s8", host_port=49152), "host port 49152 is already used"),
+                             (spec(name="s0"), "already exists"),
+                             (spec(name="s7", host_port=30000), "agent's own port")):
+        with pytest.raises(DomainError, match=refusal):
+            postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id, p_spec=request,
+                             p_policy=POLICY)
 
 
 def test_record_deploy_refuses_unknown_catalog_and_foreign_toolboxes(factory: Factory,

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 
 from shared.adapters.db.postgres import PostgresDatabase
 from tests.factories import Factory, Toolbox
+from tests.helpers import run_concurrently
 
 FN = "mcp_status_sweep"
 STALE = 3 * 60 + 30  # the default threshold: 3 x 60 s interval + 30 s grace
@@ -264,28 +265,19 @@ def test_two_concurrent_sweeps_change_each_row_once(factory: Factory, postgres_d
     for inst in late:
         backdate(pg, inst, 700)
     totals: list[dict[str, Any]] = []
-    errors: list[Exception] = []
     barrier = threading.Barrier(4)
 
     def run() -> None:
-        try:
-            barrier.wait(10)
-            while True:
-                counts = postgres_db.call("cp_sweep", p_stale_after_seconds=STALE,
-                                          p_first_contact_grace_seconds=900, p_deploy_deadline_seconds=600,
-                                          p_action_deadline_seconds=120, p_batch_size=4, p_guard_fraction=1.0)
-                totals.append(counts)
-                if not counts["more"]:
-                    return
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        barrier.wait(10)
+        while True:
+            counts = postgres_db.call("cp_sweep", p_stale_after_seconds=STALE,
+                                      p_first_contact_grace_seconds=900, p_deploy_deadline_seconds=600,
+                                      p_action_deadline_seconds=120, p_batch_size=4, p_guard_fraction=1.0)
+            totals.append(counts)
+            if not counts["more"]:
+                return
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert run_concurrently(run, 4) == []
     assert sum(c["marked_unresponsive"] for c in totals) == 30
     assert sum(c["instance_events"] for c in totals) == 60
     assert sum(c["deadlines_failed"] for c in totals) == 30

@@ -1,6 +1,6 @@
 """Cold start of every function against the no-op floor (not a test).
 
-    PYTHONPATH=. python bench/coldstart.py [--runs 5]
+    python -m bench.coldstart [--runs 5]
 
 For each function, `--runs` times:
 

@@ -1,6 +1,6 @@
 """Agent commands through the queue: when the user sees the outcome, and what the worker costs (not a test).
 
-    PYTHONPATH=. python bench/commands.py [--quick]
+    python -m bench.commands [--quick]
 
 deploy_mcp_server answers 202 as soon as the command is recorded and enqueued (bench/deploy.py);
 the agent's answer reaches the user later, through dtma_command_worker. Everything below runs the

@@ -1,6 +1,6 @@
 """Benchmark of deploy_mcp_server's answer, warm (not a test).
 
-    PYTHONPATH=. python bench/deploy.py [--sequential 150] [--duration 5] [--runs 3]
+    python -m bench.deploy [--sequential 150] [--duration 5] [--runs 3]
 
 What the web app waits for between "Deploy" and an answer. A deploy records the instance and its
 command in one transaction (cp_record_deploy_command), enqueues the command with Cloud Tasks'

@@ -1,6 +1,6 @@
 """Benchmark of dtma_heartbeat_ingest (not a test).
 
-    PYTHONPATH=. python bench/heartbeat.py [--toolboxes 5000] [--load-toolboxes 256] [--duration 4] [--runs 3]
+    python -m bench.heartbeat [--toolboxes 5000] [--load-toolboxes 256] [--duration 4] [--runs 3]
 
 An embedded PostgreSQL is seeded with `--toolboxes` toolboxes of 20 running MCP servers each
 (100,000 instances by default). Heartbeats in the real DTMA's format (20 Docker container

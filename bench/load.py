@@ -1,6 +1,6 @@
 """Load test (not part of the default test run; tests/test_load_smoke.py runs a short variant).
 
-    PYTHONPATH=. python bench/load.py [--toolboxes 500] [--interval 6] [--duration 60] [--users 5]
+    python -m bench.load [--toolboxes 500] [--interval 6] [--duration 60] [--users 5]
                                       [--docs docs/load.md]
 
 Everything stays on 127.0.0.1 and is bounded (at most 1000 toolboxes, 600 s):
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     config = LoadConfig(toolboxes=args.toolboxes, interval=args.interval, duration=args.duration, users=args.users,
                         per_toolbox=args.per_toolbox, senders=args.senders)
     config.check()
-    command = "PYTHONPATH=. python bench/load.py " + " ".join(
+    command = "python -m bench.load " + " ".join(
         f"--{k} {v}" for k, v in (("toolboxes", config.toolboxes), ("interval", f"{config.interval:g}"),
                                   ("duration", f"{config.duration:g}"), ("users", config.users)))
     print(command, flush=True)

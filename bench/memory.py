@@ -1,6 +1,6 @@
 """Resident memory of every function's process against the no-op floor (not a test).
 
-    PYTHONPATH=. python bench/memory.py [--burst 4]
+    python -m bench.memory [--burst 4]
 
 Each function is served the production way (functions-framework: a gunicorn master that imported
 the app, and one forked worker with 4 x cores threads). Memory is read from /proc:

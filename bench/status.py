@@ -1,6 +1,6 @@
 """mcp_status served the production way: latency, throughput and CPU per read (not a test).
 
-    PYTHONPATH=. python bench/status.py [--duration 4] [--runs 3]
+    python -m bench.status [--duration 4] [--runs 3]
 
 bench/sweep.py measures the SQL and the app through a WSGI test client; this serves the function
 with functions-framework (gunicorn) on a loopback port, as Cloud Run does, and reads it with a real

@@ -1,6 +1,6 @@
 """Benchmark of mcp_status_sweep and mcp_status at fleet scale (not a test).
 
-    PYTHONPATH=. python bench/sweep.py [--toolboxes 10000] [--per-toolbox 10] [--runs 5]
+    python -m bench.sweep [--toolboxes 10000] [--per-toolbox 10] [--runs 5]
 
 Seeds an embedded PostgreSQL (fresh, deleted afterwards) with 10,000 toolboxes and 100,000 MCP
 server instances (10 per toolbox, 100 per user, 3 events each) using set-based SQL, then prints:
@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--reads", type=int, default=300)
     args = parser.parse_args()
-    print(f"$ PYTHONPATH=. python bench/sweep.py --toolboxes {args.toolboxes} "
+    print(f"$ python -m bench.sweep --toolboxes {args.toolboxes} "
           f"--per-toolbox {args.per_toolbox} --runs {args.runs} --reads {args.reads}   "
           f"({os.cpu_count()} CPUs, embedded PostgreSQL 16)")
     server = embedded_pg.start(keep=False)

@@ -62,3 +62,18 @@ def test_every_setting_says_who_reads_it() -> None:
         used_by = field.json_schema_extra["used_by"]
         assert used_by and set(used_by) <= set(ALL_FUNCTIONS), name
         assert field.description, name
+
+
+def test_on_google_cloud_commands_must_go_through_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inline commands run after the answer, where Cloud Run throttles the CPU: refused at start."""
+    from shared.core.config import ConfigError, load_settings
+
+    monkeypatch.setenv("K_SERVICE", "deploy-mcp-server")
+    env = {"DATABASE_URL": "postgresql://x@127.0.0.1/db", "SUPABASE_JWT_SECRET": "s" * 40,
+           "DTMA_KEY_SECRET": "k" * 40}
+    with pytest.raises(ConfigError, match="agent commands need the queue"):
+        load_settings("deploy_mcp_server", env)
+    queued = {**env, "COMMAND_QUEUE": "projects/p/locations/l/queues/q", "COMMAND_WORKER_URL": "https://w.example/",
+              "COMMAND_INVOKER_SA": "tasks@p.iam.gserviceaccount.com"}
+    assert load_settings("deploy_mcp_server", queued).tasks_mode == "cloud_tasks"
+    assert load_settings("mcp_status", env).tasks_mode == "inline"  # reads only: no commands to run

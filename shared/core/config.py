@@ -233,6 +233,11 @@ class Settings(BaseSettings):
                        if not getattr(self, name)]
             if missing:
                 problems.append("TASKS_MODE=cloud_tasks needs " + ", ".join(missing))
+        if function in (DEPLOY, MANAGE) and self.tasks_mode == "inline" and self.on_google_cloud:
+            # Inline, a command runs after the answer, where Cloud Run throttles the CPU: outcomes
+            # would arrive late or not at all. Production goes through the queue.
+            problems.append("on Google Cloud, agent commands need the queue: set COMMAND_QUEUE, COMMAND_WORKER_URL "
+                            "and COMMAND_INVOKER_SA (./deploy.sh gcp does), not TASKS_MODE=inline")
         if function in CALLS_DTMA:
             if self.DTMA_KEY_MODE == "derived" and self.DTMA_KEY_SECRET is None:
                 problems.append("DTMA_KEY_MODE=derived needs DTMA_KEY_SECRET")

@@ -33,6 +33,7 @@ gcp options (flags win over the environment):
                            SUPABASE_SERVICE_ROLE_KEY=mcp-supabase-service-role-key
                            SUPABASE_JWT_SECRET=mcp-supabase-jwt-secret
                            DTMA_KEY_SECRET=mcp-dtma-key-secret
+                           IDEMPOTENCY_SECRET=mcp-idempotency-secret
                          Secrets passed as environment variables are resolved when an instance
                          starts: after rotating a secret, re-run this command (new revision).
   --no-default-secrets   start from no secret mapping at all
@@ -56,7 +57,11 @@ gcp options (flags win over the environment):
   --dry-run              print every command (`+ ` lines, shell-quoted) and run none
 
 The functions that enqueue commands get COMMAND_QUEUE, COMMAND_WORKER_URL, COMMAND_INVOKER_SA and
-TASKS_MODE=cloud_tasks from these options (so --env-file may not set them).
+TASKS_MODE=cloud_tasks from these options (so --env-file may not set them). The sweep and the worker
+get SWEEP_INVOKER_SA / WORKER_INVOKER_SA (--scheduler-sa, --tasks-sa) and SWEEP_INVOKER_AUDIENCE /
+WORKER_INVOKER_AUDIENCE (their own URL): besides IAM, each checks its caller's OIDC token against them.
+A sweep or worker not deployed before is deployed twice on its first run: once to learn its URL
+(refusing every caller meanwhile), then with that URL as its audience.
 Missing or invalid configuration (no project, a setting a function cannot start without) is
 refused with exit status 2 and a list, before anything is run. Re-running updates in place.
 Environment: PYTHON picks the interpreter that packages the functions (default .venv/bin/python
@@ -299,13 +304,19 @@ cmd_gcp() {
     plan_args+=(--deploy-env "COMMAND_QUEUE=$queue_path" --deploy-env "COMMAND_INVOKER_SA=$tasks_sa"
       --deploy-env TASKS_MODE=cloud_tasks --deploy-env-url "COMMAND_WORKER_URL=$WORKER")
   fi
+  # Who may call the sweep and the worker, which check their caller's OIDC token besides IAM: the
+  # scheduler's and the queue's accounts, and each function's own URL (the audience of their tokens).
+  if ((naming_problems == 0)) && [[ $scheduler_sa =~ $SA_EMAIL && $tasks_sa =~ $SA_EMAIL ]]; then
+    plan_args+=(--deploy-env "SWEEP_INVOKER_SA=$scheduler_sa" --deploy-env "WORKER_INVOKER_SA=$tasks_sa"
+      --deploy-env-url "SWEEP_INVOKER_AUDIENCE=$SWEEP" --deploy-env-url "WORKER_INVOKER_AUDIENCE=$WORKER")
+  fi
   [[ $worker_timeout =~ ^[0-9]+s$ ]] && plan_args+=(--worker-timeout "${worker_timeout%s}")
 
   # The per-function plan: which settings and secrets each function gets, and whether each one
   # would start (shared/core/config.py's own check). One record a line, fields separated by US.
   local records rc=0
   records=$(cd "$ROOT" && "${package[@]}" --plan --format=shell --project "$project" "${plan_args[@]}") || rc=$?
-  local -a entries=() names=() access=() envs=() secret_refs=() provided=() secrets=() url_refs=()
+  local -a entries=() names=() access=() envs=() secret_refs=() provided=() secrets=() url_refs=() order=()
   local -A url_placeholders=()
   local kind a b c d e f tasks=0
   while IFS=$'\x1f' read -r kind a b c d e f; do
@@ -314,6 +325,11 @@ cmd_gcp() {
       warning) printf 'deploy.sh: warning: %s\n' "$a" >&2 ;;
       function)
         entries+=("$a"); names+=("$b"); access+=("$c"); envs+=("$d"); secret_refs+=("$e"); provided+=("$f")
+        # The worker is deployed first: the others are given its URL. (The plan puts first every function
+        # whose URL some function is given; the sweep is given its own, which needs no order.)
+        if [[ $a == "$WORKER" ]]; then order=("$((${#entries[@]} - 1))" "${order[@]}")
+        else order+=("$((${#entries[@]} - 1))")
+        fi
         # The queue is (re)configured with the worker or with a function that enqueues commands.
         if [[ $a == "$WORKER" || -n $f ]]; then tasks=1; fi ;;
       secret) secrets+=("$a") ;;
@@ -392,47 +408,40 @@ cmd_gcp() {
       --member="serviceAccount:$runtime_sa" --role=roles/iam.serviceAccountUser --condition=None "${g[@]}"
   fi
 
-  # The worker comes first in the plan: a function given its URL is deployed after it, or, when the
-  # worker is not deployed in this run, after reading the URL of the one deployed before.
-  local i env ref target
+  # The worker comes first (order): a function given its URL is deployed after it, or, when the
+  # worker is not deployed in this run, after reading the URL of the one deployed before. The sweep and
+  # the worker are also given their own URL (the audience they check), read before they are deployed.
+  local i env ref target own_url first_deploy
   local -a deploy
   local -A urls=()
-  for i in "${!entries[@]}"; do
-    env=${envs[i]}
+  for i in "${order[@]}"; do
+    env=${envs[i]} first_deploy=0
     for target in "${url_refs[@]}"; do
       ref=${url_placeholders[$target]}
       [[ $env == *"$ref"* ]] || continue
-      if [[ ! -v "urls[$target]" ]]; then
+      if [[ ! -v "urls[$target]" && $target == "${entries[i]}" ]]; then
+        # Its own URL, the audience its callers' OIDC tokens carry: known if it was deployed before.
+        if own_url=$(deployed_url "${names[i]}" "$region" "$project"); then urls[$target]=$own_url
+        else first_deploy=1; continue
+        fi
+      elif [[ ! -v "urls[$target]" ]]; then
         urls[$target]=$(function_url "${target//_/-}" "$region" "$project")
         if [[ $target == "$WORKER" ]]; then allow_tasks_to_invoke_worker; fi
       fi
       ((DRY_RUN)) || env=${env//"$ref"/"${urls[$target]}"}   # a dry run shows the placeholder
     done
-    deploy=(gcloud functions deploy "${names[i]}" --gen2 --region="$region" --project="$project"
-      --runtime=python312 --source="build/gcp/${entries[i]}" --entry-point="${entries[i]}" --trigger-http
-      --service-account="$runtime_sa")
-    # User-facing functions verify the Supabase JWT in code and the heartbeat its toolbox token:
-    # browsers cannot mint Google ID tokens and CORS preflights carry no credentials, so Cloud Run
-    # IAM must let them through. The scheduler-driven sweep and the queue-driven worker are IAM-private.
-    if [[ ${access[i]} == public ]]; then deploy+=(--allow-unauthenticated)
-    else deploy+=(--no-allow-unauthenticated)
+    if ((first_deploy)); then
+      # Not deployed yet, so its URL is unknown: deploy it with an audience no token carries (it refuses
+      # every caller, and IAM lets none through yet), read its URL, and deploy it again with that.
+      ref=${url_placeholders[${entries[i]}]}
+      function_deploy_command "$i" "${env//"$ref"/"https://${names[i]}.not-deployed-yet.invalid"}"
+      run "${deploy[@]}" --quiet
+      urls[${entries[i]}]=$(function_url "${names[i]}" "$region" "$project")
+      env=${env//"$ref"/"${urls[${entries[i]}]}"}
     fi
-    deploy+=(--set-env-vars="$env")
-    if [[ -n ${secret_refs[i]} ]]; then deploy+=(--set-secrets="${secret_refs[i]}")
-    else deploy+=(--clear-secrets)
-    fi
-    # The worker holds one agent call per request for minutes: it takes no more requests at once
-    # than functions-framework's gunicorn has threads (4 per vCPU, at least 1 vCPU), or a quick
-    # command would wait behind slow pulls for a free thread. More commands, more instances.
-    local taken=$concurrency
-    if [[ ${entries[i]} == "$WORKER" ]]; then taken=$((4 * ${cpu%%.*} > 4 ? 4 * ${cpu%%.*} : 4)); fi
-    deploy+=(--min-instances="$min_instances" --max-instances="$max_instances" --concurrency="$taken"
-      --cpu="$cpu" --memory="$memory")
-    if [[ ${entries[i]} == "$WORKER" ]]; then deploy+=(--timeout="$worker_timeout")
-    else deploy+=(--timeout="$timeout")
-    fi
+    function_deploy_command "$i" "$env"
     run "${deploy[@]}" --quiet
-    urls[${entries[i]}]=$(function_url "${names[i]}" "$region" "$project")
+    [[ -v "urls[${entries[i]}]" ]] || urls[${entries[i]}]=$(function_url "${names[i]}" "$region" "$project")
     if [[ ${entries[i]} == "$WORKER" ]]; then allow_tasks_to_invoke_worker; fi
   done
 
@@ -455,6 +464,34 @@ cmd_gcp() {
   fi
 
   summary "$project" "$region" "$schedule"
+}
+
+# The `gcloud functions deploy` of entry i of the plan, with environment $2, into `deploy` (cmd_gcp's).
+function_deploy_command() {
+  local i=$1
+  deploy=(gcloud functions deploy "${names[i]}" --gen2 --region="$region" --project="$project"
+    --runtime=python312 --source="build/gcp/${entries[i]}" --entry-point="${entries[i]}" --trigger-http
+    --service-account="$runtime_sa")
+  # User-facing functions verify the Supabase JWT in code and the heartbeat its toolbox token:
+  # browsers cannot mint Google ID tokens and CORS preflights carry no credentials, so Cloud Run
+  # IAM must let them through. The scheduler-driven sweep and the queue-driven worker are IAM-private.
+  if [[ ${access[i]} == public ]]; then deploy+=(--allow-unauthenticated)
+  else deploy+=(--no-allow-unauthenticated)
+  fi
+  deploy+=(--set-env-vars="$2")
+  if [[ -n ${secret_refs[i]} ]]; then deploy+=(--set-secrets="${secret_refs[i]}")
+  else deploy+=(--clear-secrets)
+  fi
+  # The worker holds one agent call per request for minutes: it takes no more requests at once
+  # than functions-framework's gunicorn has threads (4 per vCPU, at least 1 vCPU), or a quick
+  # command would wait behind slow pulls for a free thread. More commands, more instances.
+  local taken=$concurrency
+  if [[ ${entries[i]} == "$WORKER" ]]; then taken=$((4 * ${cpu%%.*} > 4 ? 4 * ${cpu%%.*} : 4)); fi
+  deploy+=(--min-instances="$min_instances" --max-instances="$max_instances" --concurrency="$taken"
+    --cpu="$cpu" --memory="$memory")
+  if [[ ${entries[i]} == "$WORKER" ]]; then deploy+=(--timeout="$worker_timeout")
+  else deploy+=(--timeout="$timeout")
+  fi
 }
 
 # Cloud Run Invoker on the worker only, for the tasks account: the tasks' OIDC token opens nothing else.
@@ -491,6 +528,25 @@ function_url() {
   show "${cmd[@]}"
   url=$("${cmd[@]}") || die "could not read the URL of $name: is it deployed? (deploy.sh gcp --only $name)"
   # Checked strictly: the URL goes into other functions' --set-env-vars.
+  [[ $url =~ ^https://[A-Za-z0-9.-]+(/[A-Za-z0-9._/-]*)?$ ]] || die "could not read the URL of $name (got '$url')"
+  printf '%s' "$url"
+}
+
+# The URL of a function deployed before, or status 1 when it is not (yet) deployed. A dry run prints
+# the command that reads it and answers with the placeholder, as function_url does.
+deployed_url() {
+  local name=$1 region=$2 project=$3 url
+  local -a cmd=(gcloud functions describe "$name" --gen2 --region="$region" --project="$project"
+    --format='value(serviceConfig.uri)')
+  if ((DRY_RUN)); then
+    function_url "$@"
+    note "if $name is not deployed yet (the describe above fails), it is deployed twice: first with" \
+      "https://$name.not-deployed-yet.invalid for its URL (so it refuses every caller), then, its URL read" \
+      "with the same describe, as below"
+    return 0
+  fi
+  show "${cmd[@]}"
+  url=$("${cmd[@]}" 2>/dev/null) || return 1
   [[ $url =~ ^https://[A-Za-z0-9.-]+(/[A-Za-z0-9._/-]*)?$ ]] || die "could not read the URL of $name (got '$url')"
   printf '%s' "$url"
 }

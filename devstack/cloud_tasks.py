@@ -10,9 +10,13 @@ tasks itself:
   base64 body, `dispatchDeadline` in 15 s..30 min) and answers Google's error shape; a task name
   is unique for the emulator's lifetime (409 ALREADY_EXISTS, also for a finished task). Queues
   need not be created first: any well-formed queue path has its own state.
-* Each task is delivered as its `httpRequest`, with `Authorization: Bearer <JWT>` (an HS256
-  stand-in for the Google OIDC token, signed with a per-emulator random secret) and Cloud Tasks'
-  `X-CloudTasks-*` headers. A 2xx answer completes it; anything else (another status, no answer
+* Each task is delivered as its `httpRequest`, with Cloud Tasks' `X-CloudTasks-*` headers and, when
+  the task names an `oidcToken`, `Authorization: Bearer <ID token>` minted at each delivery as Cloud
+  Tasks mints Google's: RS256, the claims of a Google ID token for `serviceAccountEmail` (`aud` the
+  task's `audience`, else its URL; `email_verified` true; 1 h), signed by this emulator's own RSA key,
+  whose JWKS it serves at `/_emulator/oidc/jwks.json` (issuer `<url>/_emulator/oidc`). A worker
+  pointed at that JWKS and issuer (INVOKER_JWKS_URL, INVOKER_ISSUER) verifies them as it verifies
+  Google's in production. A 2xx answer completes it; anything else (another status, no answer
   within the dispatch deadline, a connection error) is retried with Cloud Tasks' backoff (double
   `max_doublings` times from `min_backoff`, then linear, capped at `max_backoff`) until
   `max_attempts`, after which the task is dropped and recorded as failed.
@@ -23,7 +27,10 @@ tasks itself:
 Control surface (same server, loopback only): `GET /_emulator/tasks[?queue=<path or id>]`,
 `GET /_emulator/queues`, `POST /_emulator/unavailable {"on": bool}` (createTask answers 503
 UNAVAILABLE while on), `POST /_emulator/pause {"on": bool, "queue": optional}` (stop or resume
-dispatching; new tasks are still accepted). The same from Python: :class:`CloudTasksEmulator`.
+dispatching; new tasks are still accepted), `GET /_emulator/oidc/jwks.json` (the tokens' public key)
+and `GET /_emulator/oidc/token?audience=<url>&email=<service account>` (`{"token": ...}`, what
+`gcloud auth print-identity-token --impersonate-service-account` gives: for calling the sweep by
+hand when the local stack checks its token). The same from Python: :class:`CloudTasksEmulator`.
 
 Standalone: `python -m devstack.cloud_tasks --port 8123`.
 """
@@ -36,7 +43,6 @@ import binascii
 import contextlib
 import hashlib
 import heapq
-import hmac
 import http.client
 import ipaddress
 import itertools
@@ -69,8 +75,11 @@ MAX_DISPATCH_DEADLINE = 1800.0
 MAX_TASK_BYTES = 1024 * 1024
 #: Answers of the target are read up to this much, then the connection is closed.
 MAX_RESPONSE_BYTES = 1024 * 1024
-OIDC_ISSUER = "https://accounts.google.com"
+#: Google's ID tokens live one hour.
 OIDC_LIFETIME = 3600
+#: Where the emulator serves its OIDC issuer's keys, and the issuer's path (`iss` is `<url>` + this).
+OIDC_PATH = "/_emulator/oidc"
+OIDC_JWKS_PATH = f"{OIDC_PATH}/jwks.json"
 USER_AGENT = "Google-Cloud-Tasks"
 
 _ID = r"[A-Za-z0-9_-]"
@@ -164,14 +173,6 @@ def parse_time(value: Any, field_name: str) -> float:
     raise _invalid(f"Invalid value at '{field_name}' (type.googleapis.com/google.protobuf.Timestamp), {value!r}")
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def decode_bytes(value: Any, field_name: str) -> bytes:
     """A `bytes` field of Google's JSON mapping: base64, standard or URL-safe, padding optional."""
     if isinstance(value, str):
@@ -189,6 +190,57 @@ def decode_bytes(value: Any, field_name: str) -> bytes:
 def _stable_subject(email: str) -> str:
     """A numeric, stable `sub` for a service account (Google's is its unique id, 21 digits)."""
     return str(int.from_bytes(hashlib.sha256(email.encode()).digest()[:8], "big") % 10**21).rjust(21, "1")
+
+
+class LocalOidc:
+    """A local stand-in for Google's OIDC issuer: one RSA key (made on first use), tokens shaped like
+    Google's ID tokens for a service account, and the JWKS that verifies them."""
+
+    def __init__(self, issuer: str) -> None:
+        self.issuer = issuer
+        self.kid = f"cloud-tasks-emulator-{secrets.token_hex(6)}"
+        self._key: Any = None
+        self._lock = threading.Lock()
+
+    def _private_key(self) -> Any:
+        with self._lock:
+            if self._key is None:
+                from cryptography.hazmat.primitives.asymmetric import rsa
+
+                self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            return self._key
+
+    def jwks(self) -> dict[str, Any]:
+        """The public key, as Google publishes its own (https://www.googleapis.com/oauth2/v3/certs)."""
+        from jwt.algorithms import RSAAlgorithm
+
+        jwk = RSAAlgorithm.to_jwk(self._private_key().public_key(), as_dict=True)
+        return {"keys": [{**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}]}
+
+    def mint(self, audience: str, email: str, now: float | None = None, lifetime_seconds: int = OIDC_LIFETIME) -> str:
+        """An ID token for service account `email`, with Google's claims, RS256-signed."""
+        import jwt
+
+        iat = int(time.time() if now is None else now)
+        sub = _stable_subject(email)
+        claims = {"aud": audience, "azp": sub, "email": email, "email_verified": True, "exp": iat + lifetime_seconds,
+                  "iat": iat, "iss": self.issuer, "sub": sub}  # fmt: skip
+        return jwt.encode(claims, self._private_key(), algorithm="RS256", headers={"kid": self.kid, "typ": "JWT"})
+
+    def verify(self, token: str, audience: str | None = None) -> dict[str, Any]:
+        """The claims of a token minted here; ValueError if it is not one, expired, or for another audience."""
+        import jwt
+
+        try:
+            claims = jwt.decode(token, self._private_key().public_key(), algorithms=["RS256"], issuer=self.issuer,
+                                audience=audience, options={"verify_aud": audience is not None})
+        except jwt.ExpiredSignatureError:
+            raise ValueError("the token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise ValueError(f"the token is not for {audience!r}") from None
+        except jwt.PyJWTError:
+            raise ValueError("not a token of this emulator") from None
+        return dict(claims)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -443,8 +495,6 @@ class CloudTasksEmulator(StartStop):
         self.max_concurrent = max_concurrent
         self.min_deadline = min_deadline
         self.max_deadline = max_deadline
-        #: The key of the OIDC stand-in tokens (HS256); random per emulator.
-        self.oidc_secret = secrets.token_bytes(32)
         self._cond = threading.Condition()
         self._queues: dict[str, _Queue] = {}
         self._tasks: dict[str, _Task] = {}  # every name ever used, finished tasks included
@@ -459,6 +509,8 @@ class CloudTasksEmulator(StartStop):
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="cloud-tasks-http", daemon=True
         )
         self._scheduler = threading.Thread(target=self._schedule, name="cloud-tasks-scheduler", daemon=True)
+        #: The issuer of the tasks' OIDC tokens, with its own key (made on first use: an RSA key takes ~0.1 s).
+        self.oidc = LocalOidc(self.url + OIDC_PATH)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -470,6 +522,11 @@ class CloudTasksEmulator(StartStop):
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def oidc_jwks_url(self) -> str:
+        """The JWKS of the tasks' OIDC tokens (a worker's INVOKER_JWKS_URL; INVOKER_ISSUER is `oidc.issuer`)."""
+        return self.url + OIDC_JWKS_PATH
 
     def start(self) -> Self:
         if self._started:
@@ -546,33 +603,14 @@ class CloudTasksEmulator(StartStop):
                 self._cond.wait(remaining)
             return True
 
-    def mint_token(self, audience: str, email: str, now: float | None = None) -> str:
-        """An OIDC stand-in: a JWT shaped like Google's ID token for a service account, HS256-signed."""
-        iat = int(time.time() if now is None else now)
-        sub = _stable_subject(email)
-        claims = {"aud": audience, "azp": sub, "email": email, "email_verified": True, "exp": iat + OIDC_LIFETIME,
-                  "iat": iat, "iss": OIDC_ISSUER, "sub": sub}  # fmt: skip
-        header = {"alg": "HS256", "kid": "cloud-tasks-emulator", "typ": "JWT"}
-        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
-        signature = hmac.new(self.oidc_secret, signing_input.encode(), hashlib.sha256).digest()
-        return f"{signing_input}.{_b64url(signature)}"
+    def mint_token(self, audience: str, email: str, now: float | None = None,
+                   lifetime_seconds: int = OIDC_LIFETIME) -> str:
+        """An OIDC ID token for service account `email` and `audience`, as a delivery carries (LocalOidc)."""
+        return self.oidc.mint(audience, email, now, lifetime_seconds)
 
     def verify_token(self, token: str, audience: str | None = None) -> dict[str, Any]:
         """The claims of a token this emulator minted; ValueError if it is not one, expired, or for another audience."""
-        try:
-            header, payload, signature = token.split(".")
-            expected = hmac.new(self.oidc_secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-            valid = hmac.compare_digest(expected, _b64url_decode(signature))
-            claims = json.loads(_b64url_decode(payload))
-        except (ValueError, binascii.Error) as exc:
-            raise ValueError("not a token of this emulator") from exc
-        if not valid or not isinstance(claims, dict) or claims.get("iss") != OIDC_ISSUER:
-            raise ValueError("not a token of this emulator")
-        if claims.get("exp", 0) < time.time():
-            raise ValueError("the token has expired")
-        if audience is not None and claims.get("aud") != audience:
-            raise ValueError(f"the token is for {claims.get('aud')!r}, not {audience!r}")
-        return claims
+        return self.oidc.verify(token, audience)
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -909,6 +947,14 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"tasks": emulator.tasks(queue)}
         if path == "/_emulator/queues" and method == "GET":
             return 200, {"queues": emulator.queues()}
+        if path == OIDC_JWKS_PATH and method == "GET":
+            return 200, emulator.oidc.jwks()
+        if path == f"{OIDC_PATH}/token" and method == "GET":
+            query = parse_qs(parts.query)
+            audience, email = query.get("audience", [""])[0], query.get("email", [""])[0]
+            if not audience or "@" not in email:
+                raise _invalid("Expected ?audience=<URL of the function>&email=<service account email>.")
+            return 200, {"token": emulator.mint_token(audience, email)}
         if path in ("/_emulator/unavailable", "/_emulator/pause") and method == "POST":
             on = body.get("on") if isinstance(body, dict) else None
             queue = body.get("queue") if isinstance(body, dict) else None
@@ -924,7 +970,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "service": "Cloud Tasks v2 emulator (local stack)",
                 "api": f"{emulator.url}/v2/projects/PROJECT/locations/LOCATION/queues/QUEUE/tasks",
                 "control": ["GET /_emulator/tasks[?queue=]", "GET /_emulator/queues",
-                            'POST /_emulator/unavailable {"on": bool}', 'POST /_emulator/pause {"on": bool}'],
+                            'POST /_emulator/unavailable {"on": bool}', 'POST /_emulator/pause {"on": bool}',
+                            f"GET {OIDC_JWKS_PATH}", f"GET {OIDC_PATH}/token?audience=&email="],
             }  # fmt: skip
         raise _not_found(f"The emulator does not serve {method} {path}.")
 

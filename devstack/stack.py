@@ -56,6 +56,8 @@ FUNCTIONS = (
 #: The queue the functions put agent commands on, and who Cloud Tasks' OIDC token names.
 COMMAND_QUEUE = "projects/local/locations/local/queues/dtma-commands"
 COMMAND_INVOKER_SA = "dtma-commands@local.test"
+#: Who the scheduled sweep's OIDC token names (Cloud Scheduler's service account in production).
+SWEEP_INVOKER_SA = "mcp-sweep-invoker@local.test"
 HOST = "127.0.0.1"
 DEFAULT_PORT = 54321  # Supabase CLI's API port: a web app pointed at local Supabase finds the functions here
 READY = "MCP local stack ready at"
@@ -99,6 +101,8 @@ class Options:
     functions_heartbeat_grace: int = FUNCTIONS_HEARTBEAT_GRACE
     #: Port of the Cloud Tasks emulator (0: a free one).
     tasks_port: int = 0
+    #: Whether mcp_status_sweep checks its caller's OIDC token, as on Google Cloud (the worker always does).
+    sweep_oidc: bool = False
 
     @property
     def stale_after(self) -> int:
@@ -154,11 +158,13 @@ class StopSignal:
 
 
 class SweepLoop:
-    """POSTs mcp_status_sweep every `interval` seconds, as Cloud Scheduler does in production."""
+    """POSTs mcp_status_sweep every `interval` seconds, as Cloud Scheduler does in production: with an
+    OIDC token (`token()`, a fresh one each time) for the sweep's URL."""
 
-    def __init__(self, url: str, interval: float) -> None:
+    def __init__(self, url: str, interval: float, token: Callable[[], str] | None = None) -> None:
         self.url = url
         self.interval = interval
+        self.token = token
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stack-sweep", daemon=True)
 
@@ -174,7 +180,8 @@ class SweepLoop:
         with httpx.Client(timeout=30.0, trust_env=False) as client:
             while not self._stop.wait(self.interval):
                 try:
-                    response = client.post(self.url, json={})
+                    headers = {"Authorization": f"Bearer {self.token()}"} if self.token else {}
+                    response = client.post(self.url, json={}, headers=headers)
                     if response.status_code != 200:
                         log.warning("scheduled sweep answered %s: %s", response.status_code, response.text[:300])
                 except httpx.HTTPError as exc:
@@ -197,6 +204,13 @@ def _set_function_env(values: dict[str, str], timing: dict[str, str]) -> list[st
         "SUPABASE_JWKS_URL",
         "SUPABASE_JWT_ISSUER",
         "K_SERVICE",
+        # Who may call the sweep and the worker: the stack's own issuer, never one from the shell.
+        "SWEEP_INVOKER_SA",
+        "SWEEP_INVOKER_AUDIENCE",
+        "WORKER_INVOKER_SA",
+        "WORKER_INVOKER_AUDIENCE",
+        "INVOKER_JWKS_URL",
+        "INVOKER_ISSUER",
         "SUPABASE_SECRET_KEY",
         "SUPABASE_SERVICE_ROLE_KEY",
         "BACKEND_TO_DTMA_API_KEY",
@@ -221,6 +235,21 @@ def command_queue_env(tasks_url: str, base_url: str) -> dict[str, str]:
         "COMMAND_WORKER_URL": f"{base_url}{PREFIX}/{COMMAND_WORKER}",
         "COMMAND_INVOKER_SA": COMMAND_INVOKER_SA,
     }
+
+
+def invoker_env(jwks_url: str, issuer: str, base_url: str, *, sweep: bool) -> dict[str, str]:
+    """Who may call the worker (and, with `sweep`, the sweep) locally: as on Google Cloud, each checks
+    its caller's RS256 OIDC token, here minted by the Cloud Tasks emulator's issuer (its JWKS and
+    `iss`) instead of Google. The audiences are the URLs the emulator and the sweep loop call."""
+    env = {
+        "INVOKER_JWKS_URL": jwks_url,
+        "INVOKER_ISSUER": issuer,
+        "WORKER_INVOKER_SA": COMMAND_INVOKER_SA,
+        "WORKER_INVOKER_AUDIENCE": f"{base_url}{PREFIX}/{COMMAND_WORKER}",
+    }
+    if sweep:
+        env.update(SWEEP_INVOKER_SA=SWEEP_INVOKER_SA, SWEEP_INVOKER_AUDIENCE=f"{base_url}{PREFIX}/mcp_status_sweep")
+    return env
 
 
 def database_url_to_use(environ_url: str | None, state_dir: Path) -> tuple[str | None, str | None]:
@@ -364,10 +393,12 @@ class Stack:
         ignored = _set_function_env(
             {
                 **command_queue_env(tasks.url, self.base_url),
+                **invoker_env(tasks.oidc_jwks_url, tasks.oidc.issuer, self.base_url, sweep=opts.sweep_oidc),
                 "DATABASE_URL": db.uri,
                 "DB_TRANSPORT": "postgres",
                 "SUPABASE_JWT_SECRET": secrets.jwt_secret,
                 "DTMA_KEY_SECRET": secrets.dtma_key_secret,
+                "IDEMPOTENCY_SECRET": secrets.idempotency_secret,
                 "DTMA_KEY_MODE": "derived",
                 "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
                 "CORS_ALLOWED_ORIGINS": "*",
@@ -418,7 +449,8 @@ class Stack:
         self._step("first heartbeat from the stand-in", lambda: self._first_heartbeat(agent))
 
         if opts.sweep_interval > 0:
-            sweep = SweepLoop(f"{functions_url}/mcp_status_sweep", opts.sweep_interval)
+            sweep_url = f"{functions_url}/mcp_status_sweep"
+            sweep = SweepLoop(sweep_url, opts.sweep_interval, lambda: tasks.mint_token(sweep_url, SWEEP_INVOKER_SA))
             sweep.start()
             self._cleanup.callback(self._stopped, "sweep loop", sweep.stop)
 
@@ -444,6 +476,10 @@ class Stack:
             "DATABASE_KIND": "embedded" if db.embedded is not None else "external",
             "LOG_FILE": str(log_file),
         }
+        if opts.sweep_oidc:
+            # A sweep by hand needs what the scheduler sends: an ID token of its account (24 h here).
+            self.env["SWEEP_TOKEN"] = tasks.mint_token(f"{functions_url}/mcp_status_sweep", SWEEP_INVOKER_SA,
+                                                       lifetime_seconds=24 * 3600)
         seed.write_env_file(
             opts.state_dir / STACK_ENV,
             self.env,
@@ -524,7 +560,9 @@ class Stack:
             f"  curl -sS -X POST {url}/manage_mcp_server {auth} {as_json} \\",
             """    -d '{"instance_id": "<id>", "action": "stop"}'""",
             "  # one sweep now (what Cloud Scheduler does every minute in production)",
-            f"  curl -sS -X POST {url}/mcp_status_sweep",
+            *([f"  export SWEEP_TOKEN={env['SWEEP_TOKEN']}  # the scheduler's OIDC token (SWEEP_TOKEN in stack.env)",
+               f'  curl -sS -X POST {url}/mcp_status_sweep -H "Authorization: Bearer $SWEEP_TOKEN"']
+              if env.get("SWEEP_TOKEN") else [f"  curl -sS -X POST {url}/mcp_status_sweep"]),
             f"  # a heartbeat as the toolbox's agent sends it (the stand-in does, every {every} s)",
             f'  curl -sS -X POST {url}/dtma_heartbeat_ingest/heartbeat -H "Authorization: Bearer $TOKEN" \\',
             f"    {as_json} -d '{beat}'",
@@ -604,6 +642,13 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
     )
     parser.add_argument("--reset", action="store_true", help="wipe the embedded database first")
     parser.add_argument(
+        "--sweep-oidc",
+        action="store_true",
+        help="mcp_status_sweep checks its caller's OIDC token, as on Google Cloud (the scheduled sweep sends "
+        "one; a sweep by hand then needs SWEEP_TOKEN from stack.env). The command worker always checks the "
+        "Cloud Tasks emulator's token",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="run the scripted walkthrough, then stop; exit status 0 only if it passed",
@@ -656,6 +701,8 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         help="seconds the stand-in takes to pull an image (default 0.5; --demo: 2)",
     )
     args = parser.parse_args(argv)
+    if args.demo and args.sweep_oidc:
+        parser.error("--sweep-oidc does not go with --demo: the walkthrough sweeps by hand, without a token")
     for name in ("port", "dtma_port", "tasks_port"):
         if not 0 <= getattr(args, name) <= 65535:
             parser.error(f"--{name.replace('_', '-')} must be 0..65535")
@@ -720,6 +767,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = N
         reset=args.reset,
         demo=args.demo,
         sweep_interval=args.sweep_interval,
+        sweep_oidc=args.sweep_oidc,
         standin_heartbeat_interval=standin,
         pull_delay=pull,
         functions_heartbeat_interval=interval,

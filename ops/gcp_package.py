@@ -69,6 +69,7 @@ DEFAULT_SECRETS = {
     "SUPABASE_SERVICE_ROLE_KEY": "mcp-supabase-service-role-key",
     "SUPABASE_JWT_SECRET": "mcp-supabase-jwt-secret",
     "DTMA_KEY_SECRET": "mcp-dtma-key-secret",
+    "IDEMPOTENCY_SECRET": "mcp-idempotency-secret",
 }
 # Set by Cloud Run / functions-framework; a deploy must not set them.
 RESERVED_ENV = frozenset({"K_SERVICE", "K_REVISION", "K_CONFIGURATION", "PORT",

@@ -10,8 +10,6 @@ answers (bounded concurrency), a hang while the emulator stops. No database is n
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import io
 import json
 import socketserver
@@ -24,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 
 from devstack.cloud_tasks import CloudTasksEmulator, backoff_delay
@@ -253,14 +252,16 @@ def test_a_task_is_delivered_once_with_the_oidc_stand_in_and_cloud_tasks_headers
     assert before - 1 <= float(headers["x-cloudtasks-tasketa"]) <= time.time() + 1
     scheme, token = headers["authorization"].split(" ")
     assert scheme == "Bearer"
-    header, payload, signature = token.split(".")
-    assert b64url_json(header)["alg"] == "HS256"
+    header, payload, _ = token.split(".")
+    assert b64url_json(header)["alg"] == "RS256" and b64url_json(header)["kid"] == emulator.oidc.kid
     claims = b64url_json(payload)
     assert claims["aud"] == receiver.url and claims["email"] == SA and claims["email_verified"] is True
-    assert claims["iss"] == "https://accounts.google.com" and claims["exp"] - claims["iat"] == 3600
+    assert claims["iss"] == f"{emulator.url}/_emulator/oidc" and claims["exp"] - claims["iat"] == 3600
     assert claims["sub"]
-    expected = hmac.new(emulator.oidc_secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
+    # Verified as a worker verifies it: the key from the JWKS the emulator serves, RS256 only.
+    key = jwt.PyJWKClient(emulator.oidc_jwks_url).get_signing_key_from_jwt(token)
+    assert jwt.decode(token, key, algorithms=["RS256"], audience=receiver.url,
+                      issuer=emulator.oidc.issuer)["email"] == SA
     assert emulator.verify_token(token, audience=receiver.url)["email"] == SA
     with pytest.raises(ValueError, match="not"):
         emulator.verify_token(token, audience="http://elsewhere")
@@ -272,6 +273,30 @@ def test_a_task_is_delivered_once_with_the_oidc_stand_in_and_cloud_tasks_headers
     assert served == emulator.tasks()
     # Finished tasks are gone from the API, as in Cloud Tasks.
     assert httpx.get(f"{emulator.url}/v2/{task['name']}", trust_env=False).status_code == 404
+
+
+def test_the_oidc_issuer_serves_its_jwks_and_mints_tokens_like_google(emulator: CloudTasksEmulator) -> None:
+    jwks = httpx.get(emulator.oidc_jwks_url, trust_env=False).json()
+    [key] = jwks["keys"]
+    assert (key["kty"], key["alg"], key["use"], key["kid"]) == ("RSA", "RS256", "sig", emulator.oidc.kid)
+    assert "d" not in key and "p" not in key  # the public half only
+    # What `gcloud auth print-identity-token --impersonate-service-account` gives, for a sweep by hand.
+    answer = httpx.get(f"{emulator.url}/_emulator/oidc/token", params={"audience": "http://127.0.0.1:1/s",
+                                                                        "email": SA}, trust_env=False)
+    assert answer.status_code == 200, answer.text
+    claims = emulator.verify_token(answer.json()["token"], audience="http://127.0.0.1:1/s")
+    assert claims["email"] == SA and claims["email_verified"] is True
+    assert httpx.get(f"{emulator.url}/_emulator/oidc/token", params={"audience": "x"},
+                     trust_env=False).status_code == 400
+    # Someone else's key, an expired token: not the emulator's.
+    other = CloudTasksEmulator()
+    try:
+        with pytest.raises(ValueError, match="not a token of this emulator"):
+            emulator.verify_token(other.mint_token("a", SA))
+    finally:
+        other.stop()
+    with pytest.raises(ValueError, match="expired"):
+        emulator.verify_token(emulator.mint_token("a", SA, now=time.time() - 7200))
 
 
 def test_an_error_answer_is_retried_with_backoff(receiver: Receiver) -> None:
@@ -425,3 +450,13 @@ def test_the_local_stack_gives_the_functions_the_queue_settings() -> None:
                  "DEMO_TOOLBOX_TOKEN": "k", "CLOUD_TASKS_URL": "http://127.0.0.1:4444"}
     stack.print_banner()
     assert "http://127.0.0.1:4444" in stack.out.getvalue()
+    assert "curl -sS -X POST http://127.0.0.1:1/functions/v1/mcp_status_sweep\n" in stack.out.getvalue()
+    # With --sweep-oidc the sweep checks the scheduler's token: the banner's sweep by hand sends one.
+    assert parse_args(["--sweep-oidc"], environ={}).sweep_oidc is True
+    with pytest.raises(SystemExit):
+        parse_args(["--sweep-oidc", "--demo"], environ={})  # the walkthrough sweeps without a token
+    stack.env["SWEEP_TOKEN"] = "eyJ.sweep.token"
+    stack.out = io.StringIO()
+    stack.print_banner()
+    assert "export SWEEP_TOKEN=eyJ.sweep.token" in stack.out.getvalue()
+    assert 'mcp_status_sweep -H "Authorization: Bearer $SWEEP_TOKEN"' in stack.out.getvalue()

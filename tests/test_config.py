@@ -45,10 +45,21 @@ def test_transport_selection_and_derived_urls() -> None:
 
 
 def test_legacy_key_mode_needs_the_global_key() -> None:
-    env = {"DATABASE_URL": "postgresql://x", "SUPABASE_JWT_SECRET": "s" * 40, "DTMA_KEY_MODE": "legacy"}
+    env = {"DATABASE_URL": "postgresql://x", "SUPABASE_JWT_SECRET": "s" * 40, "DTMA_KEY_MODE": "legacy",
+           "IDEMPOTENCY_SECRET": "i" * 40}
     with pytest.raises(ConfigError, match="BACKEND_TO_DTMA_API_KEY"):
         load_settings("manage_mcp_server", environ=env)
     load_settings("manage_mcp_server", environ={**env, "BACKEND_TO_DTMA_API_KEY": "k" * 32})
+
+
+def test_deploy_and_manage_need_their_own_idempotency_secret() -> None:
+    """Never borrowed from another secret: rotating the DTMA master secret must not change fingerprints."""
+    env = {"DATABASE_URL": "postgresql://x", "SUPABASE_JWT_SECRET": "s" * 40, "DTMA_KEY_SECRET": "d" * 40}
+    for function in ("deploy_mcp_server", "manage_mcp_server"):
+        with pytest.raises(ConfigError, match="IDEMPOTENCY_SECRET is not set"):
+            load_settings(function, environ=env)
+        load_settings(function, environ={**env, "IDEMPOTENCY_SECRET": "i" * 40})
+    load_settings("mcp_status", environ=env)
 
 
 def test_secrets_never_print() -> None:
@@ -70,7 +81,7 @@ def test_on_google_cloud_commands_must_go_through_the_queue(monkeypatch: pytest.
 
     monkeypatch.setenv("K_SERVICE", "deploy-mcp-server")
     env = {"DATABASE_URL": "postgresql://x@127.0.0.1/db", "SUPABASE_JWT_SECRET": "s" * 40,
-           "DTMA_KEY_SECRET": "k" * 40}
+           "DTMA_KEY_SECRET": "k" * 40, "IDEMPOTENCY_SECRET": "i" * 40}
     with pytest.raises(ConfigError, match="agent commands need the queue"):
         load_settings("deploy_mcp_server", env)
     queued = {**env, "COMMAND_QUEUE": "projects/p/locations/l/queues/q", "COMMAND_WORKER_URL": "https://w.example/",

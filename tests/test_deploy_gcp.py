@@ -36,8 +36,10 @@ SCHEDULER_SA = f"mcp-sweep-invoker@{PROJECT}.iam.gserviceaccount.com"
 TASKS_SA = f"mcp-tasks-invoker@{PROJECT}.iam.gserviceaccount.com"
 WORKER = "dtma_command_worker"
 QUEUE = "mcp-dtma-commands"
+SWEEP = "mcp_status_sweep"
 FUNCTIONS = ALL_FUNCTIONS  # shared/core/config.py's list; the worker is deployed first (the others get its URL)
-DEPLOY_ORDER = (WORKER, *(e for e in FUNCTIONS if e != WORKER))
+# Then the plan's order: first the functions whose URL some function is given (the sweep its own).
+DEPLOY_ORDER = (WORKER, SWEEP, *(e for e in FUNCTIONS if e not in (WORKER, SWEEP)))
 PRIVATE = {"mcp_status_sweep", WORKER}
 # What deploy.sh tells the functions that enqueue commands (placeholder: the worker's URL).
 TASKS_ENV = {
@@ -46,6 +48,13 @@ TASKS_ENV = {
     "COMMAND_INVOKER_SA": TASKS_SA,
     "TASKS_MODE": "cloud_tasks",
 }
+# Who may call the sweep and the worker (their OIDC check): the accounts, and each one's own URL.
+INVOKER_ENV = {
+    "SWEEP_INVOKER_SA": SCHEDULER_SA,
+    "SWEEP_INVOKER_AUDIENCE": "${MCP_STATUS_SWEEP_URL}",
+    "WORKER_INVOKER_SA": TASKS_SA,
+    "WORKER_INVOKER_AUDIENCE": "${DTMA_COMMAND_WORKER_URL}",
+}
 QUEUE_SETTINGS = ["--max-attempts=20", "--min-backoff=1s", "--max-backoff=60s", "--max-doublings=5",
                   "--max-dispatches-per-second=20", "--max-concurrent-dispatches=50"]
 DEFAULT_SECRETS = {
@@ -53,6 +62,7 @@ DEFAULT_SECRETS = {
     "SUPABASE_SERVICE_ROLE_KEY": "mcp-supabase-service-role-key:latest",
     "SUPABASE_JWT_SECRET": "mcp-supabase-jwt-secret:latest",
     "DTMA_KEY_SECRET": "mcp-dtma-key-secret:latest",
+    "IDEMPOTENCY_SECRET": "mcp-idempotency-secret:latest",
 }
 PLAIN = {
     "SUPABASE_URL": "https://ref.supabase.co",
@@ -195,7 +205,7 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
     # One function spelled out in full. The tasks account's `@` moves the list delimiter to `|`.
     by_name = deploys(commands)
     assert list(by_name) == [kebab(e) for e in DEPLOY_ORDER]
-    env = dict(PLAIN, GOOGLE_CLOUD_PROJECT=PROJECT, **TASKS_ENV)
+    env = dict(PLAIN, GOOGLE_CLOUD_PROJECT=PROJECT, **TASKS_ENV, **INVOKER_ENV)
     assert by_name["deploy-mcp-server"] == [
         "gcloud", "functions", "deploy", "deploy-mcp-server", "--gen2", "--region=us-central1",
         f"--project={PROJECT}", "--runtime=python312", "--source=build/gcp/deploy_mcp_server",
@@ -243,7 +253,15 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
     worker = by_name["dtma-command-worker"]
     assert parse_dict_flag(flag(worker, "--set-env-vars")) == {
         "DTMA_KEY_MODE": "derived", "GOOGLE_CLOUD_PROJECT": PROJECT, "LOG_LEVEL": "INFO",
-        "SUPABASE_URL": "https://ref.supabase.co"}
+        "SUPABASE_URL": "https://ref.supabase.co", "WORKER_INVOKER_SA": TASKS_SA,
+        "WORKER_INVOKER_AUDIENCE": "${DTMA_COMMAND_WORKER_URL}"}
+    # The sweep and the worker check their caller's OIDC token: the account and audience they expect are
+    # those the scheduler job and the enqueued tasks name (the same placeholders, filled in alike).
+    sweep = parse_dict_flag(flag(by_name["mcp-status-sweep"], "--set-env-vars"))
+    assert {k: sweep[k] for k in ("SWEEP_INVOKER_SA", "SWEEP_INVOKER_AUDIENCE")} == {
+        "SWEEP_INVOKER_SA": SCHEDULER_SA, "SWEEP_INVOKER_AUDIENCE": "${MCP_STATUS_SWEEP_URL}"}
+    for entry in set(FUNCTIONS) - {WORKER, SWEEP}:
+        assert not set(INVOKER_ENV) & set(parse_dict_flag(flag(by_name[kebab(entry)], "--set-env-vars"))), entry
     assert parse_dict_flag(flag(worker, "--set-secrets")) == {
         k: DEFAULT_SECRETS[k] for k in ("DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DTMA_KEY_SECRET")}
     assert "--service-account=" + RUNTIME_SA in worker
@@ -257,13 +275,16 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
     assert queue_commands == tasks_commands()
     assert "gcloud tasks queues update mcp-dtma-commands ..." in result.stdout  # the note for a rerun
     # ...all before the first function that enqueues is deployed, which comes after the worker, its
-    # URL and its invoker grant.
+    # URL (read before its deploy: the worker is given its own URL too) and its invoker grant.
     first_enqueuer = min(position(commands, ["gcloud", "functions", "deploy", kebab(e)]) for e in enqueuers())
     worker_url = position(commands, ["gcloud", "functions", "describe", "dtma-command-worker"])
     assert position(commands, ["gcloud", "tasks", "queues", "create"]) < first_enqueuer
-    assert (position(commands, ["gcloud", "functions", "deploy", "dtma-command-worker"]) < worker_url
+    assert (worker_url < position(commands, ["gcloud", "functions", "deploy", "dtma-command-worker"])
             < commands.index(worker_invoker()) < first_enqueuer)
     assert "+ DTMA_COMMAND_WORKER_URL=$(gcloud functions describe dtma-command-worker" in result.stdout
+    assert ("# if dtma-command-worker is not deployed yet (the describe above fails), it is deployed twice: first "
+            "with https://dtma-command-worker.not-deployed-yet.invalid") in result.stdout
+    assert len([c for c in commands if c[:4] == ["gcloud", "functions", "describe", "mcp-status-sweep"]]) == 1
 
     # IAM: the runtime SA reads each secret; the scheduler SA invokes the sweep and nothing else, the
     # tasks SA the worker and nothing else.
@@ -343,9 +364,12 @@ def test_only_one_function(tree: Path, env_file: Path, log: Path) -> None:
     assert list(deploys(commands)) == ["dtma-command-worker"]
     assert [c for c in commands if c[:3] == ["gcloud", "tasks", "queues"]
             or c[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]] == tasks_commands()
-    assert commands[-3][:4] == ["gcloud", "functions", "deploy", "dtma-command-worker"]
+    assert commands[-3][:4] == ["gcloud", "functions", "describe", "dtma-command-worker"]  # its own URL
+    assert commands[-2][:4] == ["gcloud", "functions", "deploy", "dtma-command-worker"]
     assert commands[-1] == worker_invoker()
-    assert "--no-allow-unauthenticated" in commands[-3] and "--timeout=1800s" in commands[-3]
+    assert "--no-allow-unauthenticated" in commands[-2] and "--timeout=1800s" in commands[-2]
+    assert parse_dict_flag(flag(commands[-2], "--set-env-vars"))["WORKER_INVOKER_AUDIENCE"] == \
+        "${DTMA_COMMAND_WORKER_URL}"
     assert not [c for c in commands if c[1] == "scheduler"]
     assert "Cloud Tasks queue" in result.stdout
 
@@ -416,7 +440,7 @@ def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
         assert expected in argv
     assert parse_dict_flag(flag(argv, "--set-secrets")) == {
         "DATABASE_URL": "mcp-database-url:latest", "SUPABASE_JWT_SECRET": "mcp-supabase-jwt-secret:latest",
-        "DTMA_KEY_SECRET": "dtma-master:7"}
+        "DTMA_KEY_SECRET": "dtma-master:7", "IDEMPOTENCY_SECRET": "mcp-idempotency-secret:latest"}
     [create] = [c for c in commands if c[:4] == ["gcloud", "scheduler", "jobs", "create"]]
     assert "--schedule=*/2 * * * *" in create and "--location=europe-west1" in create
     # A runtime account outside the project is never created, only expected to exist.
@@ -461,6 +485,10 @@ def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
                  id="worker-timeout-over-an-hour"),
     pytest.param(["--project", PROJECT], dict(PLAIN, COMMAND_QUEUE="projects/x/locations/y/queues/z"),
                  ["--env-file sets COMMAND_QUEUE, which deploy.sh sets itself"], id="queue-in-env-file"),
+    pytest.param(["--project", PROJECT], dict(PLAIN, SWEEP_INVOKER_AUDIENCE="https://elsewhere.example"),
+                 ["--env-file sets SWEEP_INVOKER_AUDIENCE, which deploy.sh sets itself"], id="audience-in-env-file"),
+    pytest.param(["--project", PROJECT, "--scheduler-sa", "not-an-email"], PLAIN,
+                 ["--scheduler-sa: 'not-an-email' is not a service account email"], id="scheduler-sa-not-an-email"),
     pytest.param(["--project", PROJECT, "--worker-timeout", "600"],
                  dict(PLAIN, COMMAND_DISPATCH_DEADLINE_SECONDS="900"),
                  ["COMMAND_DISPATCH_DEADLINE_SECONDS=900 exceeds the command worker's timeout (600s)"],
@@ -485,14 +513,15 @@ def test_missing_secret_in_secret_manager_stops_before_deploying(tree: Path, env
     result = deploy(tree, log, *complete_args(env_file), GCLOUD_MISSING_SECRETS="mcp-dtma-key-secret")
     assert result.returncode == 2
     assert "mcp-dtma-key-secret" in result.stderr
-    assert [c[1:3] for c in logged(log)] == [["services", "enable"]] + [["secrets", "describe"]] * 4
+    assert [c[1:3] for c in logged(log)] == [["services", "enable"]] + [["secrets", "describe"]] * 5
 
 
 def test_failed_deploy_stops_the_run(tree: Path, env_file: Path, log: Path) -> None:
     result = deploy(tree, log, *complete_args(env_file), GCLOUD_FAIL="functions deploy mcp-status ")
     assert result.returncode != 0
     names = [c[3] for c in logged(log) if c[1:3] == ["functions", "deploy"]]
-    assert names == ["dtma-command-worker", "deploy-mcp-server", "manage-mcp-server", "mcp-status"]
+    assert names == ["dtma-command-worker", "mcp-status-sweep", "deploy-mcp-server", "manage-mcp-server",
+                     "mcp-status"]
     assert not [c for c in logged(log) if c[1] == "scheduler"]
     assert "AGENTOPIA_API_BASE_URL" not in result.stdout
 
@@ -537,7 +566,9 @@ def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, 
             [deploy_call] = [c for c in deployed if c[3] == kebab(entry)]
             describe = ["gcloud", "functions", "describe", kebab(entry), "--gen2", "--region=us-central1",
                         f"--project={PROJECT}", "--format=value(serviceConfig.uri)"]
-            return [deploy_call, describe, *([worker_invoker()] if entry == WORKER else [])]
+            if entry in (WORKER, SWEEP):  # given its own URL: read first (the stand-in has it already)
+                return [describe, deploy_call, *([worker_invoker()] if entry == WORKER else [])]
+            return [deploy_call, describe]
         return [
             ["gcloud", "services", "enable", "cloudfunctions.googleapis.com", "run.googleapis.com",
              "cloudbuild.googleapis.com", "artifactregistry.googleapis.com", "cloudscheduler.googleapis.com",
@@ -566,6 +597,13 @@ def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, 
     for entry in enqueuers():
         [argv] = [c for c in deployed if c[3] == kebab(entry)]
         assert parse_dict_flag(flag(argv, "--set-env-vars"))["COMMAND_WORKER_URL"] == url("dtma-command-worker")
+    # ...and the sweep's and the worker's own URLs are the audiences they check: the ones the scheduler
+    # job and the enqueued tasks (COMMAND_WORKER_URL) put in their OIDC tokens, for the same accounts.
+    sweep_env, worker_env = (parse_dict_flag(flag(c, "--set-env-vars")) for c in deployed[1::-1])
+    assert (sweep_env["SWEEP_INVOKER_AUDIENCE"], sweep_env["SWEEP_INVOKER_SA"]) == (url("mcp-status-sweep"),
+                                                                                    SCHEDULER_SA)
+    assert (worker_env["WORKER_INVOKER_AUDIENCE"], worker_env["WORKER_INVOKER_SA"]) == (
+        sweep_env["COMMAND_WORKER_URL"], sweep_env["COMMAND_INVOKER_SA"])
     for entry in FUNCTIONS:
         assert (tree / "build" / "gcp" / entry / "requirements.txt").is_file()
     assert first.stdout.splitlines()[-1] == f"AGENTOPIA_API_BASE_URL={url('dtma-heartbeat-ingest')}"
@@ -580,6 +618,60 @@ def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, 
     second = deploy(tree, log, *complete_args(env_file))  # the stand-in now knows the job and accounts
     assert second.returncode == 0, second.stderr
     assert logged(log) == expected_sequence(first=False)
+
+
+def test_a_first_deploy_of_the_sweep_and_worker_learns_their_url_then_deploys_them_with_it(
+        tree: Path, env_file: Path, log: Path, tmp_path: Path) -> None:
+    # The stand-in, except that a function exists only once deployed: a project deployed to the first time.
+    wrapper = tmp_path / "first-run-bin" / "gcloud"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"""#!/usr/bin/env bash
+set -euo pipefail
+state=$(dirname -- "$GCLOUD_LOG")/functions-deployed
+mkdir -p -- "$state"
+if [[ $1 == functions && $2 == describe && ! -e $state/$3 ]]; then
+  {{ printf '%q ' "$@"; printf '\\n'; }} >>"$GCLOUD_LOG"
+  printf 'ERROR: (gcloud) NOT_FOUND: function %s not found\\n' "$3" >&2
+  exit 1
+fi
+if [[ $1 == functions && $2 == deploy ]]; then touch -- "$state/$3"; fi
+exec {STANDIN_BIN / "gcloud"} "$@"
+""")
+    wrapper.chmod(0o755)
+    path = f"{wrapper.parent}{os.pathsep}{STANDIN_BIN}{os.pathsep}{os.environ['PATH']}"
+
+    first = deploy(tree, log, *complete_args(env_file), PATH=path)
+    assert first.returncode == 0, first.stderr
+    calls = [c for c in logged(log) if c[1] == "functions"]
+
+    def described(name: str) -> list[str]:
+        return ["gcloud", "functions", "describe", name, "--gen2", "--region=us-central1", f"--project={PROJECT}",
+                "--format=value(serviceConfig.uri)"]
+
+    audience = {"dtma-command-worker": "WORKER_INVOKER_AUDIENCE", "mcp-status-sweep": "SWEEP_INVOKER_AUDIENCE"}
+    for name, setting in audience.items():
+        # Its URL is unknown: deployed once with an audience no token carries, then again with its URL.
+        at = calls.index(described(name))
+        assert calls[at + 1][:4] == ["gcloud", "functions", "deploy", name]
+        assert calls[at + 2] == described(name)
+        assert calls[at + 3][:4] == ["gcloud", "functions", "deploy", name]
+        before, after = (parse_dict_flag(flag(calls[at + k], "--set-env-vars")) for k in (1, 3))
+        assert before[setting] == f"https://{name}.not-deployed-yet.invalid"
+        assert after[setting] == url(name)
+        assert {k: v for k, v in before.items() if k != setting} == {k: v for k, v in after.items() if k != setting}
+    # The queue's account may invoke the worker only once it checks the right audience.
+    assert calls.index(worker_invoker()) == calls.index(described("dtma-command-worker")) + 4
+    assert [c[3] for c in calls if c[:3] == ["gcloud", "functions", "deploy"]] == [
+        "dtma-command-worker", "dtma-command-worker", "mcp-status-sweep", "mcp-status-sweep",
+        *(kebab(e) for e in DEPLOY_ORDER[2:])]
+    assert parse_dict_flag(flag(calls[calls.index(described("mcp-status-sweep")) + 1], "--set-env-vars"))[
+        "COMMAND_WORKER_URL"] == url("dtma-command-worker")
+
+    log.write_text("")  # a second run: each is deployed once, with the URL it already has
+    second = deploy(tree, log, *complete_args(env_file), PATH=path)
+    assert second.returncode == 0, second.stderr
+    names = [c[3] for c in logged(log) if c[1:3] == ["functions", "deploy"]]
+    assert names == [kebab(e) for e in DEPLOY_ORDER]
 
 
 # --- packaging ----------------------------------------------------------------------------------
@@ -650,7 +742,8 @@ def test_plan_routes_deploy_settings_by_used_by(tree: Path) -> None:
     got = plan("--deploy-env", "TASKS_MODE=cloud_tasks", "--deploy-env", f"COMMAND_INVOKER_SA={TASKS_SA}",
                "--deploy-env", "COMMAND_QUEUE=projects/p/locations/r/queues/q",
                "--deploy-env-url", "COMMAND_WORKER_URL=dtma-command-worker", "--deploy-env", "NOT_A_SETTING=1")
-    assert [f["entry_point"] for f in got["functions"]] == list(DEPLOY_ORDER)  # the worker's URL is needed
+    # The worker's URL is needed: it comes first (without the sweep's own URL, the sweep keeps its place).
+    assert [f["entry_point"] for f in got["functions"]] == [WORKER, *(e for e in FUNCTIONS if e != WORKER)]
     for f in got["functions"]:
         assert f["public"] is (f["entry_point"] not in PRIVATE)
         assert f["provided"] == (sorted(TASKS_ENV) if f["entry_point"] in enqueuers() else [])

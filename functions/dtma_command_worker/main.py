@@ -1,6 +1,7 @@
 """dtma_command_worker: Cloud Tasks delivers one agent command here (IAM-private, OIDC token from
-the queue's service account); it runs the command against the toolbox's DTMA and records the
-outcome. The logic is in shared/usecases/commands.py and the SQL functions of 0008_commands.sql."""
+the queue's service account, which the function also checks itself: shared/adapters/invoker_auth.py,
+WORKER_INVOKER_SA, WORKER_INVOKER_AUDIENCE); it runs the command against the toolbox's DTMA and records
+the outcome. The logic is in shared/usecases/commands.py and the SQL functions of 0008_commands.sql."""
 
 import flask
 import functions_framework

@@ -1,6 +1,7 @@
 """mcp_status_sweep: Cloud Scheduler POSTs here (IAM-private, no user JWT) to mark silent toolboxes
-unresponsive and fail transitions past their deadline. The logic is in shared/usecases/sweep.py and the
-SQL function cp_sweep."""
+unresponsive and fail transitions past their deadline. Besides IAM, the function checks the job's OIDC
+token itself (shared/adapters/invoker_auth.py: SWEEP_INVOKER_SA, SWEEP_INVOKER_AUDIENCE). The logic is in
+shared/usecases/sweep.py and the SQL function cp_sweep."""
 
 import flask
 import functions_framework

@@ -28,6 +28,12 @@ USER_FACING = (DEPLOY, MANAGE, STATUS)
 CALLS_DTMA = (DEPLOY, MANAGE, STATUS, WORKER)
 # Who creates command tasks: deploy and manage for new commands, the sweep for lost ones.
 ENQUEUES = (DEPLOY, MANAGE, SWEEP)
+# Called by Google with an OIDC ID token (Cloud Scheduler, Cloud Tasks), which each checks itself:
+# function -> (its invoker service account setting, its audience setting).
+INVOKED_BY_GOOGLE = {SWEEP: ("SWEEP_INVOKER_SA", "SWEEP_INVOKER_AUDIENCE"),
+                     WORKER: ("WORKER_INVOKER_SA", "WORKER_INVOKER_AUDIENCE")}
+GOOGLE_OIDC_JWKS_URL = "https://www.googleapis.com/oauth2/v3/certs"
+GOOGLE_OIDC_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 
 
 class ConfigError(RuntimeError):
@@ -114,6 +120,28 @@ class Settings(BaseSettings):
     COMMAND_DISPATCH_DEADLINE_SECONDS: int = _setting(
         900, "How long Cloud Tasks waits for the worker's answer to one delivery (15-1800).", ENQUEUES,
         ge=15, le=1800)
+
+    # --- who may call the sweep and the worker (Google OIDC ID tokens) ------------------------------
+    SWEEP_INVOKER_SA: str | None = _setting(
+        None, "The service account whose Google OIDC ID token must come with every call of mcp_status_sweep (Cloud "
+        "Scheduler's). Required on Google Cloud; elsewhere, unset (with SWEEP_INVOKER_AUDIENCE) turns the check off.",
+        (SWEEP,))
+    SWEEP_INVOKER_AUDIENCE: str | None = _setting(
+        None, "The `aud` that token must carry: the sweep's own URL, which the scheduler job uses as audience.",
+        (SWEEP,))
+    WORKER_INVOKER_SA: str | None = _setting(
+        None, "The service account whose Google OIDC ID token must come with every delivery to dtma_command_worker "
+        "(Cloud Tasks', COMMAND_INVOKER_SA of the enqueuers). Required on Google Cloud; elsewhere, unset (with "
+        "WORKER_INVOKER_AUDIENCE) turns the check off.", (WORKER,))
+    WORKER_INVOKER_AUDIENCE: str | None = _setting(
+        None, "The `aud` that token must carry: the worker's own URL (COMMAND_WORKER_URL of the enqueuers).",
+        (WORKER,))
+    INVOKER_JWKS_URL: str = _setting(
+        GOOGLE_OIDC_JWKS_URL, "Where the signing keys of those tokens are published. Local stacks only: on Google "
+        "Cloud it must be Google's.", (SWEEP, WORKER))
+    INVOKER_ISSUER: str | None = _setting(
+        None, "The `iss` of those tokens (default: Google's, `https://accounts.google.com` or "
+        "`accounts.google.com`). Local stacks only.", (SWEEP, WORKER))
     ALLOW_PRIVATE_TOOLBOX_IPS: bool = _setting(
         False, "Allow loopback/private/link-local toolbox addresses (local development only).", CALLS_DTMA)
     HOST_PORT_RANGE: str = _setting("49152-49999", "Host ports allocated to MCP servers when the request "
@@ -141,6 +169,13 @@ class Settings(BaseSettings):
     MAX_BODY_BYTES: int = _setting(1_048_576, "Largest request body accepted (413 beyond).", ge=1024)
     IDEMPOTENCY_TTL_SECONDS: int = _setting(86_400, "How long an Idempotency-Key is remembered.",
                                             (DEPLOY, MANAGE), ge=60)
+    IDEMPOTENCY_SECRET: SecretStr | None = _setting(
+        None, "Key of the HMAC that fingerprints requests sent with an Idempotency-Key (bodies carry env values, "
+        "so a plain hash could be brute-forced from the table). Its own secret: rotating another one never "
+        "breaks retries (Secret Manager).", (DEPLOY, MANAGE))
+    IDEMPOTENCY_SECRET_PREVIOUS: SecretStr | None = _setting(
+        None, "The IDEMPOTENCY_SECRET before a rotation: retries fingerprinted with it still match. Keep it for "
+        "IDEMPOTENCY_TTL_SECONDS after rotating, then remove it.", (DEPLOY, MANAGE))
 
     # --- logging ----------------------------------------------------------------------------------
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting("INFO", "Log level.")
@@ -217,7 +252,8 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""
         secrets = [self.DATABASE_URL, self.SUPABASE_SERVICE_ROLE_KEY, self.SUPABASE_JWT_SECRET,
-                   self.DTMA_KEY_SECRET, self.BACKEND_TO_DTMA_API_KEY]
+                   self.DTMA_KEY_SECRET, self.BACKEND_TO_DTMA_API_KEY, self.IDEMPOTENCY_SECRET,
+                   self.IDEMPOTENCY_SECRET_PREVIOUS]
         return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
 
     def problems_for(self, function: str) -> list[str]:
@@ -225,6 +261,8 @@ class Settings(BaseSettings):
         problems = []
         if self.db_transport is None:
             problems.append("no database: set DATABASE_URL, or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")
+        if function in (DEPLOY, MANAGE) and self.IDEMPOTENCY_SECRET is None:
+            problems.append("IDEMPOTENCY_SECRET is not set (the key of Idempotency-Key request fingerprints)")
         if function in USER_FACING and self.SUPABASE_JWT_SECRET is None and self.jwks_url is None:
             problems.append("no way to verify user tokens: set SUPABASE_JWT_SECRET or SUPABASE_URL "
                             "(or SUPABASE_JWKS_URL)")
@@ -238,12 +276,32 @@ class Settings(BaseSettings):
             # would arrive late or not at all. Production goes through the queue.
             problems.append("on Google Cloud, agent commands need the queue: set COMMAND_QUEUE, COMMAND_WORKER_URL "
                             "and COMMAND_INVOKER_SA (./deploy.sh gcp does), not TASKS_MODE=inline")
+        if function in INVOKED_BY_GOOGLE:
+            problems += self._invoker_problems(function)
         if function in CALLS_DTMA:
             if self.DTMA_KEY_MODE == "derived" and self.DTMA_KEY_SECRET is None:
                 problems.append("DTMA_KEY_MODE=derived needs DTMA_KEY_SECRET")
             if self.DTMA_KEY_MODE == "legacy" and self.BACKEND_TO_DTMA_API_KEY is None:
                 problems.append("DTMA_KEY_MODE=legacy needs BACKEND_TO_DTMA_API_KEY")
         return problems
+
+    def _invoker_problems(self, function: str) -> list[str]:
+        """The OIDC check of the sweep's or the worker's caller: mandatory on Google Cloud, and then
+        against Google's keys only; elsewhere off when unset, but never half configured."""
+        names = INVOKED_BY_GOOGLE[function]
+        missing = [name for name in names if not getattr(self, name)]
+        if self.on_google_cloud:
+            problems = [f"on Google Cloud, {function} checks its caller's OIDC token itself: set "
+                        f"{' and '.join(missing)} (./deploy.sh gcp does)"] if missing else []
+            if self.INVOKER_JWKS_URL != GOOGLE_OIDC_JWKS_URL or (self.INVOKER_ISSUER or GOOGLE_OIDC_ISSUERS[0]) \
+                    not in GOOGLE_OIDC_ISSUERS:
+                problems.append("INVOKER_JWKS_URL and INVOKER_ISSUER are for local stacks: on Google Cloud the "
+                                "caller's token is Google's; remove them")
+            return problems
+        if len(missing) == 1:
+            return [f"{missing[0]} is not set but {next(n for n in names if n not in missing)} is: set both "
+                    "(the caller's OIDC token is checked) or neither (no check, local use only)"]
+        return []
 
 
 def _describe(error: ValidationError) -> list[str]:

@@ -79,7 +79,12 @@ def requeue_commands(rt: Ports) -> dict[str, int]:
 
 
 def handle(call: Call, rt: Ports) -> Reply:
-    """One sweep; 200 with the counts, including when the guard tripped (the sweep did its job)."""
+    """One sweep; 200 with the counts, including when the guard tripped (the sweep did its job).
+    Only the scheduler's service account may ask: its Google OIDC token is checked first (401)."""
+    from shared.adapters import invoker_auth
+    from shared.core.config import SWEEP
+
+    invoker_auth.authenticate(call.header("Authorization"), rt.settings, SWEEP)
     counts = sweep_once(rt.db, call.settings)
     counts.update(requeue_commands(rt))
     call.log_fields.update({"guard_tripped": counts["guard_tripped"], "marked": counts["marked_unresponsive"],

@@ -9,7 +9,13 @@ because the real agent copies that text verbatim into its 500 answers (as record
 Images are only a set of pulled references: create needs the image to have been pulled,
 which is how an error inside a pull's progress stream surfaces (as "No such image" at create).
 
-Deliberately not modelled: restart policies (the DTMA asks for ``unless-stopped``, but a
+Port bindings are published on their ``HostIp`` (an IP address, checked at create; empty means
+every IPv4 address, ``0.0.0.0``) and reported with it, as ``IP`` in ``docker ps`` and ``HostIp`` in
+inspect, so a heartbeat says where each port is reachable. Two containers may hold one host port
+on addresses that do not overlap (127.0.0.1 and a VPC address), as with Docker.
+
+Deliberately not modelled: the ``::`` binding Docker adds for an empty ``HostIp`` on hosts with
+IPv6, restart policies (the DTMA asks for ``unless-stopped``, but a
 container that exits here stays exited so tests can observe it), image layers, networks,
 volumes, and the 10 s grace period of ``docker stop``.
 
@@ -19,6 +25,7 @@ Not thread-safe on its own: the agent serialises every call with its lock.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import secrets
 import time
@@ -387,14 +394,20 @@ class Engine:
         container.published = []
 
     def _publish(self, container: Container) -> list[PublishedPort]:
-        taken = {p.host_port for c in self._containers.values() if c.running for p in c.published}
+        """Bind every PortBinding on its HostIp (every address when empty), as Docker does.
+
+        Two bindings of one host port collide when their addresses overlap: the same address, or
+        one of them is the wildcard of the same family (``0.0.0.0`` holds the port on 127.0.0.1
+        and on every other IPv4 address). 127.0.0.1:N and 10.0.0.5:N can both be held.
+        """
+        taken = [(p.host_ip, p.host_port) for c in self._containers.values() if c.running for p in c.published]
         published: list[PublishedPort] = []
         for spec, bindings in container.port_bindings.items():
             port, protocol = _parse_port_spec(spec)
             for binding in bindings:
                 host_ip = binding.get("HostIp") or ANY_ADDRESS
-                host_port = int(binding.get("HostPort") or 0) or _free_port(taken)
-                if host_port in taken:
+                host_port = int(binding.get("HostPort") or 0) or _free_port({p for _, p in taken})
+                if any(p == host_port and _overlap(ip, host_ip) for ip, p in taken):
                     raise DockerError.http(
                         500,
                         f"driver failed programming external connectivity on endpoint {container.name} "
@@ -402,7 +415,7 @@ class Engine:
                         "port is already allocated",
                         "server error",
                     )
-                taken.add(host_port)
+                taken.append((host_ip, host_port))
                 published.append(PublishedPort(port, protocol, host_ip, host_port))
         return published
 
@@ -467,7 +480,32 @@ def _checked_binding(entry: object) -> dict[str, str]:
     host_port = checked.get("HostPort", "")
     if host_port and not (host_port.isdigit() and int(host_port) <= 65535):
         raise DockerError.http(400, f"invalid port specification: {host_port!r}")
+    if "HostIp" in checked:
+        checked["HostIp"] = _checked_host_ip(checked["HostIp"])
     return checked
+
+
+def _checked_host_ip(value: str) -> str:
+    """``HostIp`` must be an IP address: the current engine decodes it as Go's ``netip.Addr`` (no host
+    names, no leading zeros, no prefix length) and refuses the create otherwise (message
+    approximated). It is kept, and reported, in its canonical form.
+
+    Older engines (HostIp a plain string in their API) parsed it with ``net.ParseIP`` only when
+    publishing, so an unparsable value became "no address", which binds every address: a typo there
+    publishes the port everywhere. The stand-in takes the current engine's side.
+    """
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise DockerError.http(400, f'invalid JSON: ParseAddr("{value}"): unable to parse IP') from None
+
+
+def _overlap(held: str, wanted: str) -> bool:
+    """Whether binding ``wanted`` conflicts with a binding already holding ``held`` (same port)."""
+    if held == wanted:
+        return True
+    held_ip, wanted_ip = ipaddress.ip_address(held), ipaddress.ip_address(wanted)
+    return held_ip.version == wanted_ip.version and (held_ip.is_unspecified or wanted_ip.is_unspecified)
 
 
 def _parse_port_spec(spec: str) -> tuple[int, str]:

@@ -29,6 +29,26 @@ from shared.usecases.ports import Ports
 log = logging.getLogger("mcp.deploy")
 
 
+# The HostIp of the port binding for each `publish` choice (shared/core/models.py DeployRequest).
+# None: no HostIp, Docker's default, every address of the droplet (what deploys did before the
+# choice existed, so the agent's body for "public" is unchanged). "private" has no entry: it needs
+# the droplet's VPC address, which nothing records (see _check_publish).
+HOST_IPS: dict[str, str | None] = {"public": None, "loopback": "127.0.0.1"}
+
+
+def _check_publish(request: DeployRequest) -> None:
+    """Refuse `publish: "private"` before anything is recorded: it needs the droplet's private (VPC)
+    address, and no toolbox has one on record. The toolbox row keeps only `public_ip_address` and
+    the agent's heartbeat reports none (its `system_status` is CPU, memory and disk). Once
+    provisioning records the VPC address on the toolbox, `cp_record_deploy` can bind to it instead."""
+    if request.publish not in HOST_IPS:
+        raise invalid("publish", f"{request.publish!r} needs the toolbox's private (VPC) address, which this service "
+                      "does not know: toolboxes record only their public address and the DTMA agent's heartbeat "
+                      "does not report one. Use \"loopback\" (reachable from the droplet only), or \"public\" with a "
+                      "DigitalOcean cloud firewall limiting the port to its consumers",
+                      code="private_address_unknown")
+
+
 def _check_ports(request: DeployRequest, rt: Ports) -> None:
     """Ports below 1024 are a setting's business; the agent's own port is refused where the
     toolbox's port is known, in `cp_record_deploy`."""
@@ -46,7 +66,8 @@ def deploy(rt: Ports, user_id: str, request: DeployRequest) -> Reply:
                 "catalog_id": str(request.catalog_id) if request.catalog_id else None,
                 "transport": request.transport, "container_port": request.container_port,
                 "host_port": request.host_port, "endpoint_path": request.endpoint_path,
-                "env_names": sorted(request.env), "capabilities": request.capabilities},
+                "env_names": sorted(request.env), "capabilities": request.capabilities,
+                "publish": request.publish, "host_ip": HOST_IPS[request.publish]},
         p_policy={"port_low": low, "port_high": high, "dtma_port": settings.DTMA_PORT,
                   "allow_internal": settings.ALLOW_PRIVATE_TOOLBOX_IPS},
         p_command_id=command_id, p_secret_env=secret_env.seal(settings, command_id, request.env))
@@ -61,6 +82,7 @@ def handle(call: Call, rt: Ports) -> Reply:
     body = call.json()
     request = parse(DeployRequest, body)
     _check_ports(request, rt)
+    _check_publish(request)
     call.log_fields.update({"user_id": user.user_id, "toolbox_id": str(request.toolbox_id)})
     with request_secrets(request.env.values()):
         return idempotency.run(rt.db, rt.settings, call, user_id=user.user_id, scope="deploy", body=body,

@@ -27,6 +27,30 @@ def endpoint(ip: str | None, host_port: int | None, path: str | None) -> str | N
     return f"http://{host}:{host_port}{path or ''}"
 
 
+def _published(row: dict[str, Any], public_ip: str | None) -> tuple[str, str | None, str]:
+    """(publish, endpoint, reachable_from): where Docker publishes the host port, as the deploy chose it
+    (`port_mapping` is what cp_record_deploy recorded; rows from before the choice are public).
+
+    A binding without an address is public whatever else the row says: that is what Docker does
+    with it, and the answer must never claim less exposure than there is."""
+    mapping = row.get("port_mapping") or {}
+    publish, host_ip = mapping.get("publish") or "public", mapping.get("host_ip")
+    port, path = row["host_port"], row["endpoint_path"]
+    if publish == "public" or not host_ip:
+        where = f"{public_ip}:{port}" if public_ip else f"port {port} of the droplet (no public IP address yet)"
+        return "public", endpoint(public_ip, port, path), (
+            f"anyone who can reach {where}: Docker publishes it on every address of the droplet and the server has "
+            f"no authentication of its own, so limit port {port} to its consumers with a DigitalOcean cloud "
+            "firewall, or deploy it with publish=loopback if only the droplet uses it")
+    if publish == "loopback":
+        tunnel = f" (ssh -L {port}:{host_ip}:{port} root@{public_ip})" if public_ip else ""
+        return publish, endpoint(host_ip, port, path), (
+            f"the droplet only: published on {host_ip}, so only processes on the droplet, or an SSH "
+            f"tunnel{tunnel}, can reach it")
+    return publish, endpoint(host_ip, port, path), (
+        f"the droplet's private network (VPC) only: published on {host_ip}")
+
+
 def _whole(seconds: float | None) -> int | None:
     return None if seconds is None else max(0, int(seconds))
 
@@ -120,6 +144,7 @@ def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
     age = box["heartbeat_age_seconds"]
     truth = _truth(row, settings)
     running = truth.effective is lifecycle.Effective.RUNNING
+    publish, url, reachable_from = _published(row, box["public_ip_address"])
     return {
         "id": row["id"],
         "name": row["name"],
@@ -133,7 +158,9 @@ def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
         "health": truth.health,
         "stale": truth.stale,
         "managed_by_agent": not row.get("agent_unmanaged_at"),
-        "endpoint": endpoint(box["public_ip_address"], row["host_port"], row["endpoint_path"]),
+        "endpoint": url,
+        "publish": publish,
+        "reachable_from": reachable_from,
         "transport": row["transport"],
         "image": row["image"],
         "error": truth.error,

@@ -33,6 +33,7 @@ Count = Annotated[int, Field(ge=0)]
 
 HEALTH = ("healthy", "degraded", "unhealthy", "unknown")
 TRANSPORTS = ("stdio", "sse", "streamable_http")
+PUBLISH = ("public", "private", "loopback")  # shared/core/models.py DeployRequest.publish
 MAX_PROGRESS = 5  # cp_list_mcp_servers keeps the last five events
 
 
@@ -89,8 +90,15 @@ class ServerView(TypedDict):
     managed_by_agent: Annotated[bool, _says(
         "False once the toolbox agent no longer manages the container (it restarted and forgot it): start/stop "
         "are refused, removal removes the record only.")]
-    endpoint: Annotated[str | None, _says("http://<toolbox ip>:<host port><path>: the MCP server itself, not the "
-                                          "agent's port.")]
+    endpoint: Annotated[str | None, _says(
+        "http://<address>:<host port><path>: the MCP server itself, not the agent's port, on the address it is "
+        "published on (the toolbox's public IP for `public`, 127.0.0.1 for `loopback`: reachable from the droplet "
+        "only, see `reachable_from`).")]
+    publish: Annotated[str, _one_of(PUBLISH), _says(
+        "Where Docker publishes the host port on the droplet, as chosen at deploy: `public` (every address; "
+        "unauthenticated unless a cloud firewall limits the port), `loopback` (127.0.0.1), `private` (its VPC "
+        "address).")]
+    reachable_from: Annotated[str, _says("Who can reach the endpoint, in words, and what to do about it.")]
     # Never null: the database requires a transport of every MCP server.
     transport: Annotated[str, _one_of(TRANSPORTS), _says("The MCP transport the server speaks.")]
     image: Annotated[str | None, _says("The Docker image reference.")]

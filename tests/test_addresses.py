@@ -36,5 +36,5 @@ def test_the_table_covers_what_must_be_refused_and_what_must_not() -> None:
 
 @pytest.mark.parametrize("address", sorted(set(_edges() + PUBLIC + INTERNAL)))
 def test_python_and_sql_agree(pg: psycopg.Connection, address: str) -> None:
-    in_sql = pg.execute("select public.cp_address_is_internal(%s::inet)", (address,)).fetchone()[0]
+    in_sql = pg.execute("select cp_private.cp_address_is_internal(%s::inet)", (address,)).fetchone()[0]
     assert in_sql == is_internal(ipaddress.ip_address(address)), address

@@ -215,7 +215,7 @@ def test_commands_of_one_server_apply_in_order(queued: Any, toolbox_agent: Any, 
     first = command_id_of(pg, server)
     # A second command recorded behind the deploy (as a retry of the web app could race it).
     later = "00000000-0000-4000-8000-0000000000aa"
-    pg.execute("select cp_add_command(%s, i, 'stop', 'running', null, null) from account_tool_instances i "
+    pg.execute("select cp_private.cp_add_command(%s, i, 'stop', 'running', null, null) from account_tool_instances i "
                "where i.id = %s", (later, server))
     early = httpx.post(world.worker_url, json={"command_id": later}, timeout=10)
     assert early.status_code == 429 and int(early.headers["Retry-After"]) >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 
 import psycopg
 import pytest
@@ -13,6 +14,11 @@ from shared.core.errors import DomainError
 from tests.factories import Factory
 
 POLICY = {"port_low": 49152, "port_high": 49155, "dtma_port": 30000, "allow_internal": True}
+
+
+def record_deploy(db: PostgresDatabase, **params: object) -> dict[str, object]:
+    """The deploy RPC (cp_record_deploy_command: the instance and its command, one transaction)."""
+    return db.call("cp_record_deploy_command", **params, p_command_id=str(uuid.uuid4()), p_secret_env=None)
 
 
 def spec(**overrides: object) -> dict[str, object]:
@@ -27,16 +33,17 @@ def test_begin_action_follows_the_action_table(action: str, status: str, factory
     box = factory.toolbox()
     instance = factory.instance(box, status=status)
     plan = lifecycle.ACTIONS[action].plan
-    args = {"p_user_id": box.user_id, "p_instance_id": instance, "p_action": action,
+    # As manage does: the action's own name ("delete" is an alias of remove).
+    args = {"p_user_id": box.user_id, "p_instance_id": instance, "p_action": lifecycle.ACTIONS[action].name,
             "p_plan": {k.value: v.value for k, v in plan.items()}, "p_message": f"{action} requested",
-            "p_allow_internal": True}
+            "p_allow_internal": True, "p_command_id": str(uuid.uuid4())}
     if status in {s.value for s in plan}:
-        begun = postgres_db.call("cp_begin_action", **args)
+        begun = postgres_db.call("cp_begin_action_command", **args)
         assert begun["instance"]["status_on_toolbox"] == plan[lifecycle.Status(status)].value
         assert begun["toolbox"]["id"] == box.id and begun["toolbox"]["public_ip_address"] == "127.0.0.1"
     else:
         with pytest.raises(DomainError) as caught:
-            postgres_db.call("cp_begin_action", **args)
+            postgres_db.call("cp_begin_action_command", **args)
         assert caught.value.status == 409
         assert caught.value.message.endswith(f"while it is {status}")
         assert factory.status_of(instance) == status and factory.events(instance) == []
@@ -47,8 +54,9 @@ def test_begin_action_refuses_internal_addresses_unless_allowed(factory: Factory
     box = factory.toolbox(ip="10.0.0.7")
     instance = factory.instance(box, status="running")
     with pytest.raises(DomainError, match=r"non-public address 10\.0\.0\.7"):
-        postgres_db.call("cp_begin_action", p_user_id=box.user_id, p_instance_id=instance, p_action="stop",
-                         p_plan={"running": "stopping"}, p_message="stop", p_allow_internal=False)
+        postgres_db.call("cp_begin_action_command", p_user_id=box.user_id, p_instance_id=instance,
+                         p_action="stop", p_plan={"running": "stopping"}, p_message="stop", p_allow_internal=False,
+                         p_command_id=str(uuid.uuid4()))
     assert factory.status_of(instance) == "running"
 
 
@@ -97,8 +105,8 @@ def test_record_deploy_allocates_ports_and_refuses_collisions(factory: Factory, 
     box = factory.toolbox()
     ports = []
     for n in range(4):
-        recorded = postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id,
-                                    p_spec=spec(name=f"s{n}"), p_policy=POLICY)
+        recorded = record_deploy(postgres_db, p_user_id=box.user_id, p_toolbox_id=box.id,
+                                 p_spec=spec(name=f"s{n}"), p_policy=POLICY)
         ports.append(recorded["instance"]["host_port"])
         assert recorded["instance"]["status_on_toolbox"] == "deploying"
         assert recorded["instance"]["docker_image_url"] == "mcp/everything:latest"
@@ -108,19 +116,18 @@ def test_record_deploy_allocates_ports_and_refuses_collisions(factory: Factory, 
                              (spec(name="s0"), "already exists"),
                              (spec(name="s7", host_port=30000), "agent's own port")):
         with pytest.raises(DomainError, match=refusal):
-            postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id, p_spec=request,
-                             p_policy=POLICY)
+            record_deploy(postgres_db, p_user_id=box.user_id, p_toolbox_id=box.id, p_spec=request,
+                          p_policy=POLICY)
 
 
 def test_record_deploy_refuses_unknown_catalog_and_foreign_toolboxes(factory: Factory,
                                                                      postgres_db: PostgresDatabase) -> None:
     box = factory.toolbox()
     with pytest.raises(DomainError, match="catalog entry not found"):
-        postgres_db.call("cp_record_deploy", p_user_id=box.user_id, p_toolbox_id=box.id,
-                         p_spec=spec(catalog_id="00000000-0000-4000-8000-0000000000cc"), p_policy=POLICY)
+        record_deploy(postgres_db, p_user_id=box.user_id, p_toolbox_id=box.id,
+                      p_spec=spec(catalog_id="00000000-0000-4000-8000-0000000000cc"), p_policy=POLICY)
     with pytest.raises(DomainError) as caught:
-        postgres_db.call("cp_record_deploy", p_user_id=factory.user(), p_toolbox_id=box.id, p_spec=spec(),
-                         p_policy=POLICY)
+        record_deploy(postgres_db, p_user_id=factory.user(), p_toolbox_id=box.id, p_spec=spec(), p_policy=POLICY)
     assert caught.value.status == 404 and caught.value.message == "toolbox not found"
 
 

@@ -24,6 +24,15 @@ $$;
 -- Let the connecting (owner) role switch into the API roles, as PostgREST's authenticator does.
 grant anon, authenticated, service_role to current_user;
 
+-- Supabase's default privileges in `public`: every table, sequence and function the migration
+-- role creates there is granted to all three API roles. The migrations revoke what they do not
+-- mean to grant; mirroring the defaults here makes the tests check those revokes against what
+-- they meet on Supabase, not against vanilla PostgreSQL's (PUBLIC gets EXECUTE on functions only).
+grant usage on schema public to anon, authenticated, service_role;
+alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
+alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
+alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
+
 create schema auth;
 grant usage on schema auth to anon, authenticated, service_role;
 

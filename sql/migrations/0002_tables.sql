@@ -2,8 +2,65 @@
 -- existing queries keep working. Deliberate departures from the original, each fixing a
 -- known defect of the original (docs/original-defects.md), are marked "W<n>".
 
-create or replace function public.trigger_set_timestamp() returns trigger
+-- ---------------------------------------------------------------------------------------------
+-- Functions: where they live, who may call them, how they resolve names. Every migration follows
+-- these rules; tests/test_sql_security.py checks them on the migrated schema.
+--
+-- * `public` holds the tables and the RPC surface, nothing else: the cp_* functions the Python
+--   code calls (`Database.call`, through psycopg or PostgREST). They are SECURITY DEFINER and
+--   executable by `service_role` only, so PostgREST serves them to the service key and to no
+--   one else.
+-- * `cp_private` holds every other function: the helpers the RPCs share (state machine, errors,
+--   JSON shapes, checks) and the trigger functions. PostgREST does not expose it (keep it out of
+--   the API's exposed schemas), no API role has USAGE on it, and EXECUTE on its functions is
+--   revoked from PUBLIC, anon, authenticated and service_role. The RPCs can call them because
+--   they run as their owner (the migration role). Triggers fire without an EXECUTE check, so the
+--   API roles' writes to a table still run them.
+-- * Every function pins `set search_path = ''` and writes every name of ours schema-qualified
+--   (`public.account_tool_instances`, `cp_private.cp_raise`); built-ins resolve in pg_catalog,
+--   which is always searched. A body then means the same whatever search_path its caller has,
+--   and no object a caller can create (a table in pg_temp, a function earlier on its path) can
+--   stand in for ours. It is Supabase's recommendation (lint 0011_function_search_path_mutable),
+--   and required of SECURITY DEFINER functions. An unqualified name of ours fails when it runs.
+-- * PostgreSQL grants EXECUTE on each new function to PUBLIC, and on Supabase the default
+--   privileges of `public` add anon, authenticated and service_role. Neither can be turned off
+--   for one schema (per-schema ALTER DEFAULT PRIVILEGES can only add), and a database-wide
+--   ALTER DEFAULT PRIVILEGES would change every function the migration role creates in this
+--   shared database. So every migration that creates functions ends with
+--   `select cp_private.restrict_function_privileges()`, in the same transaction: the default
+--   grants are gone before anyone can see the functions.
+-- ---------------------------------------------------------------------------------------------
+create schema cp_private;
+revoke all on schema cp_private from public;
+
+-- Sets the privileges above on our functions: the cp_* functions of `public` executable by
+-- service_role only, those of `cp_private` by no API role (only by their owner). Other
+-- functions in `public` (a shared database may have some) are left alone.
+create or replace function cp_private.restrict_function_privileges() returns void
 language plpgsql
+set search_path = ''
+as $$
+declare
+  v_function regprocedure;
+  v_rpc boolean;
+begin
+  for v_function, v_rpc in
+    select p.oid::regprocedure, p.pronamespace = 'public'::regnamespace
+      from pg_catalog.pg_proc p
+     where (p.pronamespace = 'public'::regnamespace and p.proname like 'cp\_%')
+        or p.pronamespace = 'cp_private'::regnamespace
+  loop
+    execute format('revoke all on function %s from public, anon, authenticated, service_role', v_function);
+    if v_rpc then
+      execute format('grant execute on function %s to service_role', v_function);
+    end if;
+  end loop;
+end
+$$;
+
+create or replace function cp_private.trigger_set_timestamp() returns trigger
+language plpgsql
+set search_path = ''
 as $$
 begin
   new.updated_at = now();
@@ -47,7 +104,7 @@ create index idx_tool_catalog_status on public.tool_catalog (status);
 create index idx_tool_catalog_category on public.tool_catalog (category);
 create index idx_tool_catalog_categories on public.tool_catalog using gin (categories);
 create trigger set_tool_catalog_updated_at before update on public.tool_catalog
-  for each row execute function public.trigger_set_timestamp();
+  for each row execute function cp_private.trigger_set_timestamp();
 
 -- The generic MCP catalog row every MCP server instance points at.
 -- `docker_image_url` is a real, pullable reference MCP server so a deploy that names no image
@@ -119,7 +176,7 @@ create index idx_ate_do_droplet_name on public.account_tool_environments (do_dro
 create index idx_ate_liveness on public.account_tool_environments (last_heartbeat_at)
   where status in ('active', 'awaiting_heartbeat');
 create trigger set_account_tool_environments_updated_at before update on public.account_tool_environments
-  for each row execute function public.trigger_set_timestamp();
+  for each row execute function cp_private.trigger_set_timestamp();
 
 -- ---------------------------------------------------------------------------------------------
 -- account_tool_instances: one container on a toolbox; MCP servers are rows here
@@ -184,7 +241,7 @@ create index idx_ati_transitional on public.account_tool_instances (status_chang
 create index idx_account_tool_instances_mcp_server_type on public.account_tool_instances (account_tool_environment_id)
   where mcp_server_type = 'mcp_server';
 create trigger set_account_tool_instances_updated_at before update on public.account_tool_instances
-  for each row execute function public.trigger_set_timestamp();
+  for each row execute function cp_private.trigger_set_timestamp();
 
 -- ---------------------------------------------------------------------------------------------
 -- account_tool_instance_events: append-only history of status transitions. It is the
@@ -205,8 +262,9 @@ create table public.account_tool_instance_events (
 create index idx_atie_instance on public.account_tool_instance_events (account_tool_instance_id, id desc);
 create index idx_atie_environment on public.account_tool_instance_events (account_tool_environment_id);
 
-create or replace function public.forbid_event_update() returns trigger
+create or replace function cp_private.forbid_event_update() returns trigger
 language plpgsql
+set search_path = ''
 as $$
 begin
   raise exception 'account_tool_instance_events is append-only'
@@ -214,4 +272,6 @@ begin
 end
 $$;
 create trigger account_tool_instance_events_append_only before update on public.account_tool_instance_events
-  for each row execute function public.forbid_event_update();
+  for each row execute function cp_private.forbid_event_update();
+
+select cp_private.restrict_function_privileges();

@@ -1,6 +1,6 @@
 -- The instance state machine, enforced in the database.
 --
--- Every status change goes through public.cp_apply_instance_transition, which checks the pair
+-- Every status change goes through cp_private.cp_apply_instance_transition, which checks the pair
 -- (from, to) and the source against the table below, updates the row and appends the event in
 -- the same transaction. The same table is mirrored in shared/core/lifecycle.py (a test keeps the two
 -- equal) and drawn in docs/data-model.md.
@@ -75,9 +75,10 @@ insert into public.instance_status_transitions (from_status, to_status, source, 
   ('deleting',       'stopped',   'api',       'the removal never reached the toolbox agent; nothing changed');
 
 -- Raise a domain error with a JSON detail. Kept tiny so every function raises the same way.
-create or replace function public.cp_raise(p_code text, p_message text, p_detail jsonb default '{}')
+create or replace function cp_private.cp_raise(p_code text, p_message text, p_detail jsonb default '{}')
 returns void
 language plpgsql
+set search_path = ''
 as $$
 begin
   raise exception using errcode = p_code, message = p_message, detail = p_detail::text;
@@ -85,16 +86,16 @@ end
 $$;
 
 -- The instance as the functions return it (secrets are never stored, so nothing to strip).
-create or replace function public.cp_instance_json(p_instance public.account_tool_instances)
+create or replace function cp_private.cp_instance_json(p_instance public.account_tool_instances)
 returns jsonb
 language sql stable
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   select to_jsonb(p_instance)
 $$;
 
 -- Append one event to an instance's history (the only INSERT into the events table).
-create or replace function public.cp_append_event(
+create or replace function cp_private.cp_append_event(
   p_instance public.account_tool_instances,
   p_from public.account_tool_installation_status_enum,
   p_to public.account_tool_installation_status_enum,
@@ -102,7 +103,7 @@ create or replace function public.cp_append_event(
   p_message text
 ) returns void
 language sql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   insert into public.account_tool_instance_events
     (account_tool_instance_id, account_tool_environment_id, instance_name_on_toolbox,
@@ -114,10 +115,10 @@ $$;
 -- Legacy statuses (rows of Agentopia's other tools) and the status of this state machine each
 -- one means; reconciliation maps a legacy row the first time a report concerns it.
 -- shared/domain/lifecycle.py LEGACY_STATUSES is the same table (a test feeds both).
-create or replace function public.cp_canonical_status(p_status public.account_tool_installation_status_enum)
+create or replace function cp_private.cp_canonical_status(p_status public.account_tool_installation_status_enum)
 returns public.account_tool_installation_status_enum
 language sql immutable
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   select (case p_status::text
     when 'active' then 'running'
@@ -139,14 +140,14 @@ $$;
 -- Apply one transition to a locked row: check it against the table, write the row and the
 -- event. Callers lock the row (SELECT ... FOR UPDATE) first; this is the only code that writes
 -- status_on_toolbox, so every change has its event.
-create or replace function public.cp_apply_instance_transition(
+create or replace function cp_private.cp_apply_instance_transition(
   p_instance public.account_tool_instances,
   p_to public.account_tool_installation_status_enum,
   p_source public.instance_event_source_enum,
   p_message text
 ) returns public.account_tool_instances
 language plpgsql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
@@ -155,7 +156,7 @@ begin
     select 1 from public.instance_status_transitions t
     where t.from_status = p_instance.status_on_toolbox and t.to_status = p_to and t.source = p_source
   ) then
-    perform public.cp_raise('MC409',
+    perform cp_private.cp_raise('MC409',
       format('instance %s is %s; %s cannot move it to %s',
              p_instance.instance_name_on_toolbox, p_instance.status_on_toolbox, p_source, p_to),
       jsonb_build_object('status', p_instance.status_on_toolbox, 'requested', p_to, 'source', p_source));
@@ -169,8 +170,9 @@ begin
    where id = p_instance.id
   returning * into v_row;
 
-  perform public.cp_append_event(v_row, p_instance.status_on_toolbox, p_to, p_source, p_message);
+  perform cp_private.cp_append_event(v_row, p_instance.status_on_toolbox, p_to, p_source, p_message);
   return v_row;
 end
 $$;
 
+select cp_private.restrict_function_privileges();

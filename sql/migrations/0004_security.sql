@@ -18,6 +18,9 @@ revoke all on public.tool_catalog, public.account_tool_environments, public.acco
   public.account_tool_instance_events, public.instance_status_transitions from anon, authenticated;
 grant all on public.tool_catalog, public.account_tool_environments, public.account_tool_instances,
   public.account_tool_instance_events, public.instance_status_transitions to service_role;
+-- The events' identity sequence too (Supabase's defaults grant sequences to the API roles as well):
+-- only the functions insert events.
+revoke all on sequence public.account_tool_instance_events_id_seq from anon, authenticated;
 
 -- Catalog and state machine: readable by signed-in users.
 grant select on public.tool_catalog, public.instance_status_transitions to authenticated;
@@ -25,6 +28,9 @@ create policy "Authenticated users can view tool catalog" on public.tool_catalog
   for select to authenticated using (true);
 create policy "Authenticated users can view the instance state machine" on public.instance_status_transitions
   for select to authenticated using (true);
+
+-- Policies read the caller's id as `(select auth.uid())`, not `auth.uid()`: the sub-select is
+-- evaluated once per statement instead of once per row (Supabase lint 0003_auth_rls_initplan).
 
 -- Toolboxes: every column but the token digest is readable by the owner; only the name and
 -- description are writable.
@@ -37,9 +43,9 @@ grant select (
 ) on public.account_tool_environments to authenticated;
 grant update (name, description) on public.account_tool_environments to authenticated;
 create policy "Owners can view their toolboxes" on public.account_tool_environments
-  for select to authenticated using (user_id = auth.uid());
+  for select to authenticated using (user_id = (select auth.uid()));
 create policy "Owners can rename their toolboxes" on public.account_tool_environments
-  for update to authenticated using (user_id = auth.uid()) with check (user_id = auth.uid());
+  for update to authenticated using (user_id = (select auth.uid())) with check (user_id = (select auth.uid()));
 
 -- Instances: readable by the toolbox owner (W10: not by every user); discovery metadata is the
 -- only thing the web app writes itself.
@@ -48,41 +54,25 @@ grant update (mcp_discovery_metadata) on public.account_tool_instances to authen
 create policy "Owners can view instances on their toolboxes" on public.account_tool_instances
   for select to authenticated using (
     exists (select 1 from public.account_tool_environments e
-            where e.id = account_tool_environment_id and e.user_id = auth.uid()));
+            where e.id = account_tool_environment_id and e.user_id = (select auth.uid())));
 create policy "Owners can annotate instances on their toolboxes" on public.account_tool_instances
   for update to authenticated using (
     exists (select 1 from public.account_tool_environments e
-            where e.id = account_tool_environment_id and e.user_id = auth.uid()))
+            where e.id = account_tool_environment_id and e.user_id = (select auth.uid())))
   with check (
     exists (select 1 from public.account_tool_environments e
-            where e.id = account_tool_environment_id and e.user_id = auth.uid()));
+            where e.id = account_tool_environment_id and e.user_id = (select auth.uid())));
 
 -- Events: read-only history for the owner.
 grant select on public.account_tool_instance_events to authenticated;
 create policy "Owners can view events of their toolboxes" on public.account_tool_instance_events
   for select to authenticated using (
     exists (select 1 from public.account_tool_environments e
-            where e.id = account_tool_environment_id and e.user_id = auth.uid()));
+            where e.id = account_tool_environment_id and e.user_id = (select auth.uid())));
 
--- The cp_* functions are the backend's RPC surface. Postgres grants EXECUTE to PUBLIC and
--- Supabase to anon/authenticated by default; both are taken away so that PostgREST exposes
--- them to the service role only. Later migrations call this again after adding functions.
-create or replace function public.cp_restrict_rpc_to_service_role() returns void
-language plpgsql
-as $$
-declare
-  f regprocedure;
-begin
-  for f in
-    select p.oid::regprocedure from pg_proc p
-    where p.pronamespace = 'public'::regnamespace and p.proname like 'cp\_%'
-  loop
-    execute format('revoke all on function %s from public, anon, authenticated', f);
-    execute format('grant execute on function %s to service_role', f);
-  end loop;
-end
-$$;
-select public.cp_restrict_rpc_to_service_role();
+-- Functions: the RPCs in `public` are executable by the service role only, the helpers in
+-- `cp_private` by no API role; see the rules at the top of 0002_tables.sql
+-- (cp_private.restrict_function_privileges, run at the end of every migration that adds functions).
 
 -- Supabase Realtime: the web app subscribes to its instances and their events instead of
 -- polling (docs/data-model.md, "Realtime"). RLS applies to what each subscriber receives.

@@ -60,10 +60,10 @@
 -- one toolbox. Returns {matched, transitions, rejected, unmanaged: [...]}; unmanaged containers
 -- carry their published ports, which deploys allocate around.
 -- ---------------------------------------------------------------------------------------------
-create or replace function public.cp_reconcile_toolbox(p_toolbox_id uuid, p_report jsonb, p_source text)
+create or replace function cp_private.cp_reconcile_toolbox(p_toolbox_id uuid, p_report jsonb, p_source text)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
 declare
   v_source public.instance_event_source_enum;
@@ -75,7 +75,7 @@ declare
   v_obs_row record;
 begin
   if p_source not in ('heartbeat', 'dtma') then
-    perform public.cp_raise('MC400', format('reports come from a heartbeat or a DTMA read, not %s', p_source));
+    perform cp_private.cp_raise('MC400', format('reports come from a heartbeat or a DTMA read, not %s', p_source));
   end if;
   v_source := p_source::public.instance_event_source_enum;
 
@@ -131,16 +131,16 @@ begin
   for v_row in
     select i.* from public.account_tool_instances i
      where i.id in (select o.instance_id from jsonb_to_recordset(v_obs) as o(instance_id uuid))
-       and public.cp_canonical_status(i.status_on_toolbox) <> i.status_on_toolbox
+       and cp_private.cp_canonical_status(i.status_on_toolbox) <> i.status_on_toolbox
      order by i.id
        for update
   loop
     update public.account_tool_instances
-       set status_on_toolbox = public.cp_canonical_status(v_row.status_on_toolbox), status_changed_at = now()
+       set status_on_toolbox = cp_private.cp_canonical_status(v_row.status_on_toolbox), status_changed_at = now()
      where id = v_row.id;
-    perform public.cp_append_event(v_row, v_row.status_on_toolbox, public.cp_canonical_status(v_row.status_on_toolbox),
+    perform cp_private.cp_append_event(v_row, v_row.status_on_toolbox, cp_private.cp_canonical_status(v_row.status_on_toolbox),
                                    v_source, format('legacy status %s is read as %s', v_row.status_on_toolbox,
-                                                    public.cp_canonical_status(v_row.status_on_toolbox)));
+                                                    cp_private.cp_canonical_status(v_row.status_on_toolbox)));
   end loop;
 
   -- What the report says about each container. A heartbeat stamps every instance it reports
@@ -171,7 +171,7 @@ begin
     update public.account_tool_instances
        set agent_unmanaged_at = case when v_obs_row.managed then null else now() end
      where id = (v_obs_row.inst).id;
-    perform public.cp_append_event(v_obs_row.inst, (v_obs_row.inst).status_on_toolbox,
+    perform cp_private.cp_append_event(v_obs_row.inst, (v_obs_row.inst).status_on_toolbox,
       (v_obs_row.inst).status_on_toolbox, v_source,
       case when v_obs_row.managed then format('the toolbox agent manages container %s again',
                                               (v_obs_row.inst).instance_name_on_toolbox)
@@ -206,9 +206,9 @@ begin
     if (v_obs_row.inst).status_on_toolbox::text = v_obs_row.target then
       update public.account_tool_instances set instance_error_message = v_obs_row.message
        where id = (v_obs_row.inst).id;
-      perform public.cp_append_event(v_obs_row.inst, 'error', 'error', v_source, v_obs_row.message);
+      perform cp_private.cp_append_event(v_obs_row.inst, 'error', 'error', v_source, v_obs_row.message);
     else
-      perform public.cp_apply_instance_transition(
+      perform cp_private.cp_apply_instance_transition(
         v_obs_row.inst, v_obs_row.target::public.account_tool_installation_status_enum, v_source,
         v_obs_row.message);
     end if;
@@ -232,7 +232,7 @@ begin
        order by i.id
          for update
     loop
-      perform public.cp_apply_instance_transition(
+      perform cp_private.cp_apply_instance_transition(
         v_row, 'error', 'heartbeat',
         format('container %s is no longer on the toolbox (missing from 2 consecutive heartbeats); remove '
                'this server and deploy it again', v_row.instance_name_on_toolbox));
@@ -250,7 +250,8 @@ $$;
 create or replace function public.cp_ingest_heartbeat(p_token_sha256 text, p_report jsonb)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_box public.account_tool_environments;
@@ -261,10 +262,10 @@ begin
    where dtma_token_sha256 = decode(p_token_sha256, 'hex')
    for no key update;
   if not found then
-    perform public.cp_raise('MC401', 'unknown toolbox token');
+    perform cp_private.cp_raise('MC401', 'unknown toolbox token');
   end if;
   if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
-    perform public.cp_raise('MC409', format('toolbox is %s; heartbeats are not accepted', v_box.status),
+    perform cp_private.cp_raise('MC409', format('toolbox is %s; heartbeats are not accepted', v_box.status),
                             jsonb_build_object('toolbox_status', v_box.status));
   end if;
 
@@ -276,7 +277,7 @@ begin
                               'reason', 'sequence not newer than the last applied heartbeat');
   end if;
 
-  v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'heartbeat');
+  v_result := cp_private.cp_reconcile_toolbox(v_box.id, p_report, 'heartbeat');
 
   v_recovered := v_box.status = 'unresponsive';
   update public.account_tool_environments
@@ -301,7 +302,7 @@ begin
    where id = v_box.id;
 
   if v_recovered then
-    perform public.cp_append_event(i, i.status_on_toolbox, i.status_on_toolbox, 'heartbeat',
+    perform cp_private.cp_append_event(i, i.status_on_toolbox, i.status_on_toolbox, 'heartbeat',
                                    'toolbox is reporting again')
        from public.account_tool_instances i where i.account_tool_environment_id = v_box.id;
   end if;
@@ -320,7 +321,8 @@ $$;
 create or replace function public.cp_refresh_from_dtma(p_user_id uuid, p_toolbox_id uuid, p_report jsonb)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_box public.account_tool_environments;
@@ -330,15 +332,15 @@ begin
    where id = p_toolbox_id and user_id = p_user_id
    for no key update;
   if not found then
-    perform public.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
+    perform cp_private.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
   end if;
   if v_box.status in ('pending_deprovision', 'deprovisioning', 'deprovisioned', 'error_deprovisioning') then
-    perform public.cp_raise('MC409', format('toolbox %s is %s; its reports are not applied', v_box.name,
+    perform cp_private.cp_raise('MC409', format('toolbox %s is %s; its reports are not applied', v_box.name,
                                             replace(v_box.status::text, '_', ' ')),
                             jsonb_build_object('toolbox_status', v_box.status));
   end if;
   if p_report->>'docker_error' is null then
-    v_result := public.cp_reconcile_toolbox(v_box.id, p_report, 'dtma');
+    v_result := cp_private.cp_reconcile_toolbox(v_box.id, p_report, 'dtma');
   end if;
   update public.account_tool_environments
      set dtma_last_reached_at = now(),
@@ -355,4 +357,18 @@ begin
 end
 $$;
 
-select public.cp_restrict_rpc_to_service_role();
+-- Whether an agent's token belongs to a toolbox, asked before its body is read (an unknown token
+-- gets its 401 without the body being parsed); the ingest checks the token again. Nothing else
+-- is said: no toolbox id, no status.
+create or replace function public.cp_toolbox_token_known(p_token_sha256 text)
+returns boolean
+language sql
+stable
+security definer
+set search_path = ''
+as $$
+  select exists (select 1 from public.account_tool_environments
+                  where dtma_token_sha256 = decode(p_token_sha256, 'hex'));
+$$;
+
+select cp_private.restrict_function_privileges();

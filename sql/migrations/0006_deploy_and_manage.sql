@@ -29,7 +29,8 @@ create or replace function public.cp_idempotency_claim(
   p_user_id uuid, p_scope text, p_key text, p_request_digest text, p_ttl_seconds int
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_row public.idempotency_keys;
@@ -49,7 +50,7 @@ begin
     return jsonb_build_object('claimed', true);
   end if;
   if v_row.request_digest <> p_request_digest then
-    perform public.cp_raise('MC422', 'this Idempotency-Key was already used with a different request',
+    perform cp_private.cp_raise('MC422', 'this Idempotency-Key was already used with a different request',
                             jsonb_build_object('idempotency_key', p_key));
   end if;
   if v_row.status is null then
@@ -65,7 +66,8 @@ create or replace function public.cp_idempotency_complete(
   p_user_id uuid, p_scope text, p_key text, p_status int, p_response jsonb
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 begin
   if p_status is null then
@@ -82,10 +84,10 @@ $$;
 -- The toolbox an operation targets, checked: owned by the caller (else "not found", so
 -- existence does not leak) and able to take commands.
 -- ---------------------------------------------------------------------------------------------
-create or replace function public.cp_toolbox_json(p_box public.account_tool_environments)
+create or replace function cp_private.cp_toolbox_json(p_box public.account_tool_environments)
 returns jsonb
 language sql stable
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   select jsonb_build_object(
     'id', p_box.id, 'name', p_box.name, 'status', p_box.status, 'region_slug', p_box.region_slug,
@@ -97,10 +99,10 @@ $$;
 -- one would make the backend talk to itself or its own network (SSRF). shared/core/addresses.py holds
 -- the same list for the DTMA client, which checks again just before connecting;
 -- tests/test_addresses.py feeds both the same table of addresses.
-create or replace function public.cp_address_is_internal(p_address inet)
+create or replace function cp_private.cp_address_is_internal(p_address inet)
 returns boolean
 language sql immutable
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   select p_address <<= any (array[
     '0.0.0.0/8', '10.0.0.0/8', '100.64.0.0/10', '127.0.0.0/8', '169.254.0.0/16', '172.16.0.0/12',
@@ -110,15 +112,15 @@ as $$
     '2001:db8::/32', '2002::/16', 'fc00::/7', 'fe80::/10', 'ff00::/8']::inet[])
 $$;
 
-create or replace function public.cp_check_toolbox_commandable(p_box public.account_tool_environments,
+create or replace function cp_private.cp_check_toolbox_commandable(p_box public.account_tool_environments,
                                                                p_allow_internal boolean)
 returns void
 language plpgsql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
 begin
   if p_box.status <> 'active' then
-    perform public.cp_raise('MC409',
+    perform cp_private.cp_raise('MC409',
       case
         when p_box.status = 'unresponsive' and p_box.dtma_last_reached_at > p_box.last_heartbeat_at then format(
           'toolbox %s is unresponsive: its agent answers the backend but its heartbeats do not arrive; check '
@@ -133,18 +135,18 @@ begin
       jsonb_build_object('toolbox_status', p_box.status));
   end if;
   if p_box.dtma_report_details_json->'docker'->>'healthy' = 'false' then
-    perform public.cp_raise('MC409',
+    perform cp_private.cp_raise('MC409',
       format('Docker is not answering on toolbox %s (its agent says: %s); nothing can be deployed, started or '
              'stopped there until it is back. On the droplet: systemctl status docker', p_box.name,
              left(p_box.dtma_report_details_json->'docker'->>'error', 200)),
       jsonb_build_object('toolbox_status', p_box.status, 'docker', 'down'));
   end if;
   if p_box.public_ip_address is null then
-    perform public.cp_raise('MC409', format('toolbox %s has no public IP address yet', p_box.name),
+    perform cp_private.cp_raise('MC409', format('toolbox %s has no public IP address yet', p_box.name),
                             jsonb_build_object('toolbox_status', p_box.status));
   end if;
-  if not p_allow_internal and public.cp_address_is_internal(p_box.public_ip_address) then
-    perform public.cp_raise('MC409',
+  if not p_allow_internal and cp_private.cp_address_is_internal(p_box.public_ip_address) then
+    perform cp_private.cp_raise('MC409',
       format('toolbox %s has the non-public address %s; the backend does not send its key there',
              p_box.name, host(p_box.public_ip_address)),
       jsonb_build_object('toolbox_status', p_box.status));
@@ -154,10 +156,10 @@ $$;
 
 -- Names and host ports held by containers of the toolbox that this service does not manage, as
 -- the last heartbeat listed them: deploys refuse the names and allocate around the ports.
-create or replace function public.cp_unmanaged_names(p_box public.account_tool_environments)
+create or replace function cp_private.cp_unmanaged_names(p_box public.account_tool_environments)
 returns table (name text, port int)
 language sql stable
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   select n.name, null::int
     from jsonb_array_elements(coalesce(p_box.dtma_report_details_json->'unmanaged_containers', '[]')) c
@@ -175,14 +177,15 @@ $$;
 -- one toolbox cannot pick the same free host port; different toolboxes do not wait.
 --
 -- p_spec = {name, image (null: the catalog's default), catalog_id, transport, container_port,
---           host_port (null: allocate), endpoint_path, env_names [..], capabilities [..]}
+--           host_port (null: allocate), endpoint_path, env_names [..], capabilities [..],
+--           publish (public/loopback), host_ip (null: every address)}
 -- p_policy = {port_low, port_high, dtma_port, allow_internal}
 -- ---------------------------------------------------------------------------------------------
-create or replace function public.cp_record_deploy(
+create or replace function cp_private.cp_record_deploy(
   p_user_id uuid, p_toolbox_id uuid, p_spec jsonb, p_policy jsonb
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
 declare
   v_box public.account_tool_environments;
@@ -196,24 +199,24 @@ begin
   select * into v_box from public.account_tool_environments
    where id = p_toolbox_id and user_id = p_user_id for no key update;
   if not found then
-    perform public.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
+    perform cp_private.cp_raise('MC404', 'toolbox not found', jsonb_build_object('toolbox_id', p_toolbox_id));
   end if;
-  perform public.cp_check_toolbox_commandable(v_box, coalesce((p_policy->>'allow_internal')::boolean, false));
+  perform cp_private.cp_check_toolbox_commandable(v_box, coalesce((p_policy->>'allow_internal')::boolean, false));
 
   select * into v_catalog from public.tool_catalog
    where id = coalesce((p_spec->>'catalog_id')::uuid, '00000000-0000-0000-0000-000000000001');
   if not found or v_catalog.status in ('deprecated', 'archived') then
-    perform public.cp_raise('MC404', 'catalog entry not found or no longer available',
+    perform cp_private.cp_raise('MC404', 'catalog entry not found or no longer available',
                             jsonb_build_object('catalog_id', p_spec->'catalog_id'));
   end if;
 
   if exists (select 1 from public.account_tool_instances
              where account_tool_environment_id = v_box.id and instance_name_on_toolbox = v_name) then
-    perform public.cp_raise('MC409', format('an MCP server named %s already exists on toolbox %s', v_name, v_box.name),
+    perform cp_private.cp_raise('MC409', format('an MCP server named %s already exists on toolbox %s', v_name, v_box.name),
                             jsonb_build_object('field', 'name'));
   end if;
-  if exists (select 1 from public.cp_unmanaged_names(v_box) u where u.port is null and u.name = v_name) then
-    perform public.cp_raise('MC409',
+  if exists (select 1 from cp_private.cp_unmanaged_names(v_box) u where u.port is null and u.name = v_name) then
+    perform cp_private.cp_raise('MC409',
       format('a container named %s already runs on toolbox %s and was not created by this service (the agent '
              'itself or other software); pick another name', v_name, v_box.name),
       jsonb_build_object('field', 'name', 'container', v_name));
@@ -226,24 +229,24 @@ begin
      where p not in (v_dtma_port, (p_policy->>'dtma_port')::int)
        and not exists (select 1 from public.account_tool_instances
                        where account_tool_environment_id = v_box.id and host_port = p)
-       and not exists (select 1 from public.cp_unmanaged_names(v_box) u where u.port = p);
+       and not exists (select 1 from cp_private.cp_unmanaged_names(v_box) u where u.port = p);
     if v_port is null then
-      perform public.cp_raise('MC409', format('no free host port left on toolbox %s in %s-%s', v_box.name,
+      perform cp_private.cp_raise('MC409', format('no free host port left on toolbox %s in %s-%s', v_box.name,
                                               p_policy->>'port_low', p_policy->>'port_high'),
                               jsonb_build_object('field', 'host_port'));
     end if;
   elsif v_port in (v_dtma_port, (p_policy->>'dtma_port')::int) then
     -- The toolbox's agent port, and the fleet's (30000): the one place this rule lives.
-    perform public.cp_raise('MC400', format('host_port %s is the toolbox agent''s own port', v_port),
+    perform cp_private.cp_raise('MC400', format('host_port %s is the toolbox agent''s own port', v_port),
                             jsonb_build_object('field', 'host_port'));
   elsif exists (select 1 from public.account_tool_instances
                 where account_tool_environment_id = v_box.id and host_port = v_port) then
-    perform public.cp_raise('MC409', format('host port %s is already used on toolbox %s', v_port, v_box.name),
+    perform cp_private.cp_raise('MC409', format('host port %s is already used on toolbox %s', v_port, v_box.name),
                             jsonb_build_object('field', 'host_port'));
   else
-    select u.name into v_holder from public.cp_unmanaged_names(v_box) u where u.port = v_port limit 1;
+    select u.name into v_holder from cp_private.cp_unmanaged_names(v_box) u where u.port = v_port limit 1;
     if found then
-      perform public.cp_raise('MC409',
+      perform cp_private.cp_raise('MC409',
         format('host port %s is already used on toolbox %s by container %s, which this service does not manage; '
                'pick another port or leave host_port out to get a free one', v_port, v_box.name, v_holder),
         jsonb_build_object('field', 'host_port', 'container', v_holder));
@@ -259,20 +262,24 @@ begin
     v_box.id, v_catalog.id, 'pending_deploy', v_name,
     coalesce(p_spec->>'image', v_catalog.docker_image_url), (p_spec->>'container_port')::int, v_port,
     array(select jsonb_array_elements_text(coalesce(p_spec->'env_names', '[]'))),
+    -- HostIp only when the request chose an address (publish, shared/usecases/deploy.py HOST_IPS);
+    -- without it Docker publishes on every address of the droplet.
     jsonb_build_object('HostConfig', jsonb_build_object('PortBindings', jsonb_build_object(
-      (p_spec->>'container_port') || '/tcp', jsonb_build_array(jsonb_build_object('HostPort', v_port::text))))),
-    jsonb_build_object('container_port', (p_spec->>'container_port')::int, 'host_port', v_port),
+      (p_spec->>'container_port') || '/tcp', jsonb_build_array(jsonb_strip_nulls(
+        jsonb_build_object('HostIp', p_spec->>'host_ip', 'HostPort', v_port::text)))))),
+    jsonb_build_object('container_port', (p_spec->>'container_port')::int, 'host_port', v_port,
+                       'publish', coalesce(p_spec->>'publish', 'public'), 'host_ip', p_spec->>'host_ip'),
     'mcp_server', p_spec->>'transport', p_spec->>'endpoint_path', coalesce(p_spec->'capabilities', '[]'),
     jsonb_build_object('deployed_via', 'deploy_mcp_server', 'deployed_at', now()))
   returning * into v_row;
 
-  perform public.cp_append_event(v_row, null, 'pending_deploy', 'api',
+  perform cp_private.cp_append_event(v_row, null, 'pending_deploy', 'api',
                                  format('deploy of %s requested', v_row.docker_image_url));
-  v_row := public.cp_apply_instance_transition(
+  v_row := cp_private.cp_apply_instance_transition(
     v_row, 'deploying', 'api',
     format('asked the toolbox agent to pull %s and start it on port %s', v_row.docker_image_url, v_port));
 
-  return jsonb_build_object('instance', public.cp_instance_json(v_row), 'toolbox', public.cp_toolbox_json(v_box));
+  return jsonb_build_object('instance', cp_private.cp_instance_json(v_row), 'toolbox', cp_private.cp_toolbox_json(v_box));
 end
 $$;
 
@@ -282,12 +289,12 @@ $$;
 -- from to the status it records (restart: running -> stopping, stopped/error -> starting), as
 -- defined in shared/core/lifecycle.py ACTIONS.
 -- ---------------------------------------------------------------------------------------------
-create or replace function public.cp_begin_action(
+create or replace function cp_private.cp_begin_action(
   p_user_id uuid, p_instance_id uuid, p_action text, p_plan jsonb, p_message text,
   p_allow_internal boolean default false
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
@@ -299,29 +306,29 @@ begin
    where i.id = p_instance_id and e.user_id = p_user_id and i.mcp_server_type = 'mcp_server'
    for update of i;
   if not found then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
+    perform cp_private.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
   end if;
   select * into v_box from public.account_tool_environments where id = v_row.account_tool_environment_id;
   if v_row.agent_unmanaged_at is not null and p_action <> 'remove' then
-    perform public.cp_raise('MC409',
+    perform cp_private.cp_raise('MC409',
       format('the toolbox agent no longer manages %s (it restarted and forgot the container), so it cannot %s '
              'it. Remove this server (the container stays on the droplet: docker rm -f %s there), then deploy '
              'it again', v_row.instance_name_on_toolbox, p_action, v_row.instance_name_on_toolbox),
       jsonb_build_object('status', v_row.status_on_toolbox, 'action', p_action, 'agent_manages', false));
   end if;
   if not (p_plan ? v_row.status_on_toolbox::text) then
-    perform public.cp_raise('MC409',
+    perform cp_private.cp_raise('MC409',
       format('cannot %s %s while it is %s', p_action, v_row.instance_name_on_toolbox, v_row.status_on_toolbox),
       jsonb_build_object('status', v_row.status_on_toolbox, 'action', p_action));
   end if;
   if p_action <> 'remove' then
-    perform public.cp_check_toolbox_commandable(v_box, p_allow_internal);
+    perform cp_private.cp_check_toolbox_commandable(v_box, p_allow_internal);
   end if;
   v_before := v_row;
-  v_row := public.cp_apply_instance_transition(
+  v_row := cp_private.cp_apply_instance_transition(
     v_row, (p_plan->>v_row.status_on_toolbox::text)::public.account_tool_installation_status_enum, 'api',
     p_message);
-  return jsonb_build_object('instance', public.cp_instance_json(v_row), 'toolbox', public.cp_toolbox_json(v_box),
+  return jsonb_build_object('instance', cp_private.cp_instance_json(v_row), 'toolbox', cp_private.cp_toolbox_json(v_box),
                             'previous_status', v_before.status_on_toolbox,
                             'previous_error', v_before.instance_error_message);
 end
@@ -329,17 +336,17 @@ $$;
 
 -- The instance a step 2 concerns, locked (its toolbox is not: see 0005's note on lock order), or
 -- "MCP server not found". Every settling function starts here.
-create or replace function public.cp_lock_instance(p_instance_id uuid)
+create or replace function cp_private.cp_lock_instance(p_instance_id uuid)
 returns public.account_tool_instances
 language plpgsql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
 begin
   select * into v_row from public.account_tool_instances where id = p_instance_id for update;
   if not found then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
+    perform cp_private.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_instance_id));
   end if;
   return v_row;
 end
@@ -355,12 +362,13 @@ create or replace function public.cp_settle(
   p_container_id text default null, p_runtime jsonb default null
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
 begin
-  v_row := public.cp_lock_instance(p_instance_id);
+  v_row := cp_private.cp_lock_instance(p_instance_id);
   if p_container_id is not null or p_runtime is not null then
     update public.account_tool_instances
        set container_id = coalesce(p_container_id, container_id),
@@ -371,12 +379,12 @@ begin
   if v_row.status_on_toolbox::text <> p_expected or p_to is null or p_to = p_expected then
     -- No answer in time (p_to null), or a heartbeat got there first (the status is no longer
     -- the expected one): the newer truth stands and the DTMA's answer is history.
-    perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
+    perform cp_private.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
   else
-    v_row := public.cp_apply_instance_transition(
+    v_row := cp_private.cp_apply_instance_transition(
       v_row, p_to::public.account_tool_installation_status_enum, 'api', p_message);
   end if;
-  return public.cp_instance_json(v_row);
+  return cp_private.cp_instance_json(v_row);
 end
 $$;
 
@@ -388,23 +396,24 @@ create or replace function public.cp_revert_action(
   p_instance_id uuid, p_expected text, p_previous text, p_previous_error text, p_message text
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
 begin
-  v_row := public.cp_lock_instance(p_instance_id);
+  v_row := cp_private.cp_lock_instance(p_instance_id);
   if v_row.status_on_toolbox::text <> p_expected then
-    perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
-    return public.cp_instance_json(v_row);
+    perform cp_private.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
+    return cp_private.cp_instance_json(v_row);
   end if;
-  v_row := public.cp_apply_instance_transition(
+  v_row := cp_private.cp_apply_instance_transition(
     v_row, p_previous::public.account_tool_installation_status_enum, 'api', p_message);
   if p_previous = 'error' then
     update public.account_tool_instances set instance_error_message = p_previous_error
      where id = p_instance_id returning * into v_row;
   end if;
-  return public.cp_instance_json(v_row);
+  return cp_private.cp_instance_json(v_row);
 end
 $$;
 
@@ -413,18 +422,19 @@ $$;
 create or replace function public.cp_mark_agent_unmanaged(p_instance_id uuid, p_message text)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
 begin
-  v_row := public.cp_lock_instance(p_instance_id);
+  v_row := cp_private.cp_lock_instance(p_instance_id);
   if v_row.agent_unmanaged_at is null then
     update public.account_tool_instances set agent_unmanaged_at = now() where id = p_instance_id
     returning * into v_row;
-    perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
+    perform cp_private.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api', p_message);
   end if;
-  return public.cp_instance_json(v_row);
+  return cp_private.cp_instance_json(v_row);
 end
 $$;
 
@@ -433,21 +443,22 @@ $$;
 create or replace function public.cp_finish_removal(p_instance_id uuid, p_message text)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_row public.account_tool_instances;
 begin
-  v_row := public.cp_lock_instance(p_instance_id);
+  v_row := cp_private.cp_lock_instance(p_instance_id);
   if v_row.status_on_toolbox <> 'deleting' then
-    perform public.cp_raise('MC409', format('%s is %s, not deleting', v_row.instance_name_on_toolbox,
+    perform cp_private.cp_raise('MC409', format('%s is %s, not deleting', v_row.instance_name_on_toolbox,
                                             v_row.status_on_toolbox),
                             jsonb_build_object('status', v_row.status_on_toolbox));
   end if;
-  perform public.cp_append_event(v_row, 'deleting', null, 'api', p_message);
+  perform cp_private.cp_append_event(v_row, 'deleting', null, 'api', p_message);
   delete from public.account_tool_instances where id = p_instance_id;
   return jsonb_build_object('id', v_row.id, 'name', v_row.instance_name_on_toolbox, 'removed', true);
 end
 $$;
 
-select public.cp_restrict_rpc_to_service_role();
+select cp_private.restrict_function_privileges();

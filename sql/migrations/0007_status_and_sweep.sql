@@ -11,9 +11,10 @@
 
 -- "10 min" for whole minutes, "90 s" otherwise: deadline messages quote the configured value in
 -- the unit an operator would have typed.
-create or replace function public.cp_duration_text(p_seconds numeric)
+create or replace function cp_private.cp_duration_text(p_seconds numeric)
 returns text
 language sql immutable
+set search_path = ''
 as $$
   select case when p_seconds >= 60 and p_seconds % 60 = 0 then (p_seconds / 60)::bigint || ' min'
               else floor(p_seconds)::bigint || ' s' end
@@ -44,7 +45,8 @@ create or replace function public.cp_list_mcp_servers(
   p_cursor jsonb default null
 ) returns jsonb
 language plpgsql stable
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_limit int := least(greatest(coalesce(p_limit, 50), 1), 100);
@@ -85,6 +87,7 @@ begin
                'image', p.docker_image_url,
                'host_port', p.host_port,
                'container_port', p.container_port,
+               'port_mapping', p.port_mapping_json,
                'container_id', p.container_id,
                'endpoint_path', p.mcp_endpoint_path,
                'transport', p.mcp_transport_type,
@@ -120,7 +123,7 @@ begin
     ) x;
 
   if p_id is not null and jsonb_array_length(v_result->'items') = 0 then
-    perform public.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_id));
+    perform cp_private.cp_raise('MC404', 'MCP server not found', jsonb_build_object('id', p_id));
   end if;
   return v_result;
 end
@@ -172,7 +175,8 @@ create or replace function public.cp_sweep(
   p_guard_min_toolboxes int default 3
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_stale interval := make_interval(secs => p_stale_after_seconds);
@@ -191,7 +195,7 @@ declare
   v_inst public.account_tool_instances;
 begin
   if p_batch_size < 1 or p_guard_fraction <= 0 or p_guard_fraction > 1 or p_stale_after_seconds < 1 then
-    perform public.cp_raise('MC400', 'sweep parameters out of range',
+    perform cp_private.cp_raise('MC400', 'sweep parameters out of range',
                             jsonb_build_object('batch_size', p_batch_size, 'guard_fraction', p_guard_fraction,
                                                'stale_after_seconds', p_stale_after_seconds));
   end if;
@@ -222,7 +226,7 @@ begin
       v_marked := v_marked + 1;
       for v_inst in select * from public.account_tool_instances i where i.account_tool_environment_id = v_box.id
       loop
-        perform public.cp_append_event(v_inst, v_inst.status_on_toolbox, v_inst.status_on_toolbox, 'sweep',
+        perform cp_private.cp_append_event(v_inst, v_inst.status_on_toolbox, v_inst.status_on_toolbox, 'sweep',
           format('toolbox %s silent for %s s; status unknown until it reports again', coalesce(v_box.name, v_box.id::text),
                  floor(extract(epoch from now() - coalesce(v_box.last_heartbeat_at, v_box.status_changed_at)))::bigint));
         v_events := v_events + 1;
@@ -244,7 +248,7 @@ begin
                'the toolbox agent sent no heartbeat within %s of provisioning; check that the droplet '
                'booted, that cloud-init installed and started the DTMA (/var/log/cloud-init-output.log), '
                'and that the droplet can reach the backend',
-               public.cp_duration_text(p_first_contact_grace_seconds))
+               cp_private.cp_duration_text(p_first_contact_grace_seconds))
         from picked
        where e.id = picked.id
       returning 1
@@ -272,22 +276,22 @@ begin
      limit p_batch_size
        for update of i skip locked
   loop
-    perform public.cp_apply_instance_transition(
+    perform cp_private.cp_apply_instance_transition(
       v_row.inst, 'error', 'sweep',
       case v_row.status
         when 'pending_deploy' then format(
           'deploy of %s was recorded but never sent to the toolbox within %s; deploy it again',
-          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_deploy_deadline_seconds))
+          (v_row.inst).instance_name_on_toolbox, cp_private.cp_duration_text(p_deploy_deadline_seconds))
         when 'deploying' then format(
           'no heartbeat reported container %s running within %s of the deploy; check the image and '
           'its logs on the toolbox, then deploy again',
-          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_deploy_deadline_seconds))
+          (v_row.inst).instance_name_on_toolbox, cp_private.cp_duration_text(p_deploy_deadline_seconds))
         when 'starting' then format('no report confirmed container %s started within %s',
-          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_action_deadline_seconds))
+          (v_row.inst).instance_name_on_toolbox, cp_private.cp_duration_text(p_action_deadline_seconds))
         when 'stopping' then format('no report confirmed container %s stopped within %s',
-          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_action_deadline_seconds))
+          (v_row.inst).instance_name_on_toolbox, cp_private.cp_duration_text(p_action_deadline_seconds))
         else format('the toolbox never confirmed container %s was removed within %s; remove it again',
-          (v_row.inst).instance_name_on_toolbox, public.cp_duration_text(p_action_deadline_seconds))
+          (v_row.inst).instance_name_on_toolbox, cp_private.cp_duration_text(p_action_deadline_seconds))
       end);
     v_deadlines := jsonb_set(v_deadlines, array[v_row.status],
                              to_jsonb(coalesce((v_deadlines->>v_row.status)::int, 0) + 1));
@@ -308,4 +312,4 @@ begin
 end
 $$;
 
-select public.cp_restrict_rpc_to_service_role();
+select cp_private.restrict_function_privileges();

@@ -47,16 +47,17 @@ create index idx_dtma_commands_unqueued on public.dtma_commands (created_at)
   where status in ('pending', 'running');
 alter table public.dtma_commands enable row level security;
 revoke all on public.dtma_commands from anon, authenticated;
+revoke all on sequence public.dtma_commands_seq_seq from anon, authenticated;
 grant all on public.dtma_commands to service_role;
 
 -- Record a command for an instance the caller has just moved into a transitional status (in the
 -- same transaction, from cp_record_deploy / cp_begin_action's callers).
-create or replace function public.cp_add_command(
+create or replace function cp_private.cp_add_command(
   p_command_id uuid, p_instance public.account_tool_instances, p_action text,
   p_previous public.account_tool_installation_status_enum, p_previous_error text, p_secret_env text
 ) returns void
 language sql
-set search_path = public, pg_temp
+set search_path = ''
 as $$
   -- Counted as enqueued: the caller enqueues right after this commits, and reports a failure
   -- (cp_command_enqueued), so the common path costs no second round trip.
@@ -72,15 +73,16 @@ create or replace function public.cp_record_deploy_command(
   p_user_id uuid, p_toolbox_id uuid, p_spec jsonb, p_policy jsonb, p_command_id uuid, p_secret_env text
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_recorded jsonb;
   v_row public.account_tool_instances;
 begin
-  v_recorded := public.cp_record_deploy(p_user_id, p_toolbox_id, p_spec, p_policy);
+  v_recorded := cp_private.cp_record_deploy(p_user_id, p_toolbox_id, p_spec, p_policy);
   select * into v_row from public.account_tool_instances where id = (v_recorded->'instance'->>'id')::uuid;
-  perform public.cp_add_command(p_command_id, v_row, 'deploy', null, null, p_secret_env);
+  perform cp_private.cp_add_command(p_command_id, v_row, 'deploy', null, null, p_secret_env);
   return v_recorded || jsonb_build_object('command_id', p_command_id);
 end
 $$;
@@ -91,15 +93,16 @@ create or replace function public.cp_begin_action_command(
   p_allow_internal boolean, p_command_id uuid
 ) returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_begun jsonb;
   v_row public.account_tool_instances;
 begin
-  v_begun := public.cp_begin_action(p_user_id, p_instance_id, p_action, p_plan, p_message, p_allow_internal);
+  v_begun := cp_private.cp_begin_action(p_user_id, p_instance_id, p_action, p_plan, p_message, p_allow_internal);
   select * into v_row from public.account_tool_instances where id = p_instance_id;
-  perform public.cp_add_command(p_command_id, v_row, p_action,
+  perform cp_private.cp_add_command(p_command_id, v_row, p_action,
                                 (v_begun->>'previous_status')::public.account_tool_installation_status_enum,
                                 v_begun->>'previous_error', null);
   return v_begun || jsonb_build_object('command_id', p_command_id);
@@ -112,7 +115,8 @@ $$;
 create or replace function public.cp_command_enqueued(p_command_id uuid, p_error text default null)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_before public.dtma_commands;
@@ -120,7 +124,7 @@ declare
 begin
   select * into v_before from public.dtma_commands where id = p_command_id for update;
   if not found then
-    perform public.cp_raise('MC404', 'command not found', jsonb_build_object('command_id', p_command_id));
+    perform cp_private.cp_raise('MC404', 'command not found', jsonb_build_object('command_id', p_command_id));
   end if;
   update public.dtma_commands
      set enqueued = enqueued + case when p_error is null then 1 else 0 end,
@@ -131,7 +135,7 @@ begin
   if p_error is not null and v_before.enqueue_error is null then
     select * into v_row from public.account_tool_instances where id = v_before.account_tool_instance_id;
     if found then
-      perform public.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api',
+      perform cp_private.cp_append_event(v_row, v_row.status_on_toolbox, v_row.status_on_toolbox, 'api',
         format('the %s could not be queued right now (%s); it is queued again within a minute', v_before.action,
                left(p_error, 200)));
     end if;
@@ -150,7 +154,8 @@ $$;
 create or replace function public.cp_claim_command(p_command_id uuid, p_lease_seconds int, p_max_per_toolbox int)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_cmd public.dtma_commands;
@@ -203,8 +208,8 @@ begin
     'command', jsonb_build_object('id', v_cmd.id, 'action', v_cmd.action, 'attempt', v_cmd.attempts,
                                   'previous_status', v_cmd.previous_status, 'previous_error', v_cmd.previous_error,
                                   'secret_env', v_cmd.secret_env),
-    'instance', public.cp_instance_json(v_row),
-    'toolbox', public.cp_toolbox_json(v_box));
+    'instance', cp_private.cp_instance_json(v_row),
+    'toolbox', cp_private.cp_toolbox_json(v_box));
 end
 $$;
 
@@ -213,11 +218,12 @@ $$;
 create or replace function public.cp_finish_command(p_command_id uuid, p_status text, p_outcome jsonb)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 begin
   if p_status not in ('done', 'failed') then
-    perform public.cp_raise('MC400', format('a command ends done or failed, not %s', p_status));
+    perform cp_private.cp_raise('MC400', format('a command ends done or failed, not %s', p_status));
   end if;
   update public.dtma_commands
      set status = p_status, outcome = p_outcome, finished_at = now(), lease_until = null, secret_env = null
@@ -230,7 +236,8 @@ $$;
 create or replace function public.cp_command_state(p_command_id uuid)
 returns jsonb
 language sql stable
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
   select coalesce((select jsonb_build_object('status', c.status, 'outcome', c.outcome)
                      from public.dtma_commands c where c.id = p_command_id),
@@ -245,7 +252,8 @@ create or replace function public.cp_commands_to_requeue(p_requeue_after_seconds
                                                          p_batch_size int)
 returns jsonb
 language plpgsql
-set search_path = public, pg_temp
+security definer
+set search_path = ''
 as $$
 declare
   v_given_up int;
@@ -263,7 +271,7 @@ begin
      set status = 'failed', finished_at = now(), secret_env = null, lease_until = null,
          outcome = jsonb_build_object('code', 'command_never_ran',
                                       'message', format('the command was not carried out within %s',
-                                                        public.cp_duration_text(p_give_up_after_seconds)))
+                                                        cp_private.cp_duration_text(p_give_up_after_seconds)))
     from old where c.id = old.id;
   get diagnostics v_given_up = row_count;
 
@@ -280,4 +288,4 @@ begin
 end
 $$;
 
-select public.cp_restrict_rpc_to_service_role();
+select cp_private.restrict_function_privileges();

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shared.adapters.db import Database, get_database
+from shared.adapters.http import json_error_pages
 from shared.adapters.logging import setup_logging
 from shared.core.config import Settings, load_settings
 
@@ -62,13 +63,15 @@ _lock = threading.Lock()
 
 
 def load(function: str) -> Runtime:
-    """The runtime of `function` in this process, validated and with logging set up."""
+    """The runtime of `function` in this process, validated and with logging set up (and, loaded by
+    functions-framework, the app's own refusals rendered as JSON)."""
     with _lock:
         current = _runtimes.get(function)
         if current is None:
             settings = load_settings(function)
             setup_logging(settings)
             current = _runtimes[function] = Runtime(function, settings)
+        json_error_pages()
         return current
 
 

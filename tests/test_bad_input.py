@@ -470,8 +470,10 @@ def test_odd_methods_and_paths(clients: dict[str, FlaskClient], world: World, pg
         # Answered by functions-framework/werkzeug before any function code ran: only for paths
         # its routes cannot take (a newline, which `<path:path>` does not match; repeated slashes,
         # which werkzeug merges with a redirect). Nothing ran, nothing changed, nothing leaked.
-        assert "//" in path or "%0A" in path.upper(), (path, response.status_code)
+        assert "//" in path or "%0A" in path.upper() or "%0D" in path.upper(), (path, response.status_code)
         assert response.status_code < 500 and "Traceback" not in response.get_data(as_text=True)
+        if response.status_code >= 400:
+            assert_error_shape(response)
         assert snapshot(pg) == before and world.dtma_calls() == []
         return
     if method == "OPTIONS":
@@ -501,15 +503,17 @@ def test_every_method_but_the_allowed_ones_is_405_json(clients: dict[str, FlaskC
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-def test_functions_frameworks_own_routes_are_plain_404s(clients: dict[str, FlaskClient], world: World,
-                                                        pg: psycopg.Connection, function: str) -> None:
-    """`/robots.txt` and `/favicon.ico` are answered by functions-framework itself (an HTML 404,
-    as on Cloud Run) and never reach the function: nothing runs, nothing changes."""
+def test_functions_frameworks_own_routes_are_json_404s(clients: dict[str, FlaskClient], world: World,
+                                                       pg: psycopg.Connection, function: str) -> None:
+    """`/robots.txt`, `/favicon.ico` and paths its route cannot take (a CR or LF) are answered by
+    functions-framework itself and never reach the function: nothing runs, nothing changes, and
+    the answer is the one JSON error shape, not werkzeug's HTML page."""
     before = snapshot(pg)
-    for path in ("/robots.txt", "/favicon.ico"):
+    for path in ("/robots.txt", "/favicon.ico", "/%0D%0AX-Injected%3A%201/stop"):
         response = clients[function].post(path, headers=world.headers_for(function), json={})
         assert response.status_code == 404
-        assert "Traceback" not in response.get_data(as_text=True)
+        assert assert_error_shape(response)["code"] == "not_found"
+        assert "X-Injected" not in response.headers
     assert snapshot(pg) == before and world.dtma_calls() == []
 
 

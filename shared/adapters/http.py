@@ -10,6 +10,7 @@ success.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import flask
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from shared.core.config import Settings
 from shared.core.errors import ApiError, ServiceUnavailable
@@ -57,6 +59,8 @@ class Call:
     # A routine success (a heartbeat that changed nothing) is logged at DEBUG: at fleet scale one
     # INFO line per beat is most of the log volume, and Cloud Run logs every request anyway.
     routine: bool = False
+    # Whether the body was read to its end: if not, the answer closes the connection (see serve).
+    body_complete: bool = False
 
     @property
     def method(self) -> str:
@@ -67,7 +71,9 @@ class Call:
 
     def json(self, *, required: bool = True) -> Any:
         """The body parsed as strict JSON (see `parse_json`)."""
-        return parse_json(self.request, self.settings.MAX_BODY_BYTES, required=required)
+        raw = read_body(self.request, self.settings.MAX_BODY_BYTES)
+        self.body_complete = True
+        return decode_json(self.request, raw, required=required)
 
 
 def _reject_constant(name: str) -> Any:
@@ -107,19 +113,73 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
-def parse_json(request: flask.Request, max_bytes: int, *, required: bool = True) -> Any:
-    """Read the body as JSON, refusing what a lenient parser would let through.
+def read_body(request: flask.Request, max_bytes: int) -> bytes:
+    """The body, at most `max_bytes` of it held in memory at any time.
 
-    Oversize bodies are refused before they are read (413), as are bodies that are not UTF-8,
-    use NaN/Infinity, repeat a key (which value would win is parser-dependent), or nest deeper
-    than any real request does.
+    A declared length over the limit is refused before a byte is read; a chunked body is counted
+    while it is read and cut one byte past the limit. A client that ends the body before its
+    declared length (or breaks the chunking) gets a 400: it has usually gone already, but the
+    answer and the log then agree on what happened.
     """
     length = request.content_length
     if length is not None and length > max_bytes:
         raise ApiError(413, "payload_too_large", f"request body is larger than {max_bytes} bytes")
-    raw = request.stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        # Streams may answer short reads before their end: read until the end or one past the limit.
+        while total <= max_bytes:
+            chunk = request.stream.read(max_bytes + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except (ClientDisconnected, OSError, ValueError):
+        raise ApiError(400, "incomplete_body", "the request body ended before its declared length "
+                       "(or its chunked encoding broke off)") from None
+    if total > max_bytes:
         raise ApiError(413, "payload_too_large", f"request body is larger than {max_bytes} bytes")
+    if length is not None and total < length:
+        # gunicorn hands over its own stream, which ends quietly where werkzeug's would raise.
+        raise ApiError(400, "incomplete_body", "the request body ended before its declared length")
+    return b"".join(chunks)
+
+
+def _unstorable(value: Any) -> str | None:
+    """The first string (key or value) PostgreSQL's jsonb cannot hold, as a field path.
+
+    jsonb refuses U+0000 and unpaired UTF-16 surrogates, which Python's json module accepts from
+    their escapes; letting them through would turn a bad request into a database error."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or (not item.isascii() and _has_surrogate(item)):
+                return path.lstrip(".") or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key or (not key.isascii() and _has_surrogate(key)):
+                    return f"{path}.{key[:40].encode('utf-8', 'replace').decode()}".lstrip(".")
+                stack.append((child, f"{path}.{key}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def decode_json(request: flask.Request, raw: bytes, *, required: bool = True) -> Any:
+    """`raw` parsed as JSON, refusing what a lenient parser would let through.
+
+    Refused: bodies that are not UTF-8, use NaN/Infinity, repeat a key (which value would win is
+    parser-dependent), nest deeper than any real request does, or hold text jsonb cannot store.
+    """
     if not raw.strip():
         if required:
             raise ApiError(400, "invalid_json", "request body must be a JSON object")
@@ -138,7 +198,18 @@ def parse_json(request: flask.Request, max_bytes: int, *, required: bool = True)
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise ApiError(400, "invalid_json", f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    # Only an escape can produce U+0000 or a lone surrogate (raw UTF-8 cannot): skip the walk otherwise.
+    if "\\u" in text:
+        where = _unstorable(value)
+        if where is not None:
+            raise ApiError(400, "invalid_json", f"{where}: contains \\u0000 or an unpaired surrogate escape, "
+                           "which cannot be stored", {"field": where})
     return value
+
+
+def parse_json(request: flask.Request, max_bytes: int, *, required: bool = True) -> Any:
+    """Read the body (`read_body`) and parse it as strict JSON (`decode_json`)."""
+    return decode_json(request, read_body(request, max_bytes), required=required)
 
 
 def subpath(request: flask.Request, function_name: str) -> str:
@@ -173,6 +244,40 @@ def _render(status: int, body: Any, headers: dict[str, str]) -> flask.Response:
         return response
     payload = json.dumps(body, separators=(",", ":"), default=str)
     return flask.Response(payload, status=status, headers=headers, mimetype="application/json")
+
+
+def json_error_pages() -> None:
+    """Answer the requests functions-framework refuses before the function runs in the one error
+    shape too (a path its route cannot take, such as one holding a newline; `/robots.txt`):
+    werkzeug's default is an HTML page. Registered on the app whose context imports the function,
+    which is how functions-framework loads it; elsewhere (a plain import) there is no app."""
+    if not flask.has_app_context():
+        return
+
+    def render(error: HTTPException) -> flask.Response:
+        if (error.code or 500) >= 500:
+            return error.get_response()  # functions-framework's crash handler keeps its own 500s
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.code or 0, "bad_request")
+        body = ApiError(error.code or 400, code, f"{error.name.lower()}: no function route takes this request").body()
+        return _render(error.code or 400, body, {})
+
+    flask.current_app.register_error_handler(HTTPException, render)
+
+
+def _seal_body(call: Call, response: flask.Response) -> None:
+    """Make sure nothing reads the body after we have answered.
+
+    functions-framework reads the whole body after every answer (its `read_request`
+    after_request hook): for a 300 MB body declared to a request refused with 401 or 413, that
+    read would be the process's memory, and a client that stops sending would turn our answer into
+    a 500. Replacing the request's stream with an empty one makes that read a no-op. A body left
+    unread also closes the connection instead of keeping it alive (werkzeug's server honours
+    `Connection: close`; gunicorn drains a bounded amount before reusing a connection, or closes).
+    """
+    request = call.request
+    if not call.body_complete and (request.content_length or request.environ.get("wsgi.input_terminated")):
+        response.headers["Connection"] = "close"
+    request.stream = io.BytesIO()
 
 
 def serve(
@@ -215,6 +320,7 @@ def serve(
             log.exception("%s failed", function_name, extra={"json_fields": {"request_id": request_id}})
             err = ApiError(500, "internal", f"internal error; quote request id {request_id} when reporting it")
             response = _render(500, err.body(), headers)
+    _seal_body(call, response)
     elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
     fields = {"request_id": request_id, "function": function_name, "method": request.method,
               "path": call.path, "status": response.status_code, "duration_ms": elapsed_ms, **call.log_fields}

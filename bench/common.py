@@ -44,6 +44,7 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 
 JWT_SECRET = "bench-jwt-secret-that-is-at-least-32-bytes-long"
 DTMA_KEY_SECRET = "bench-master-secret-0123456789abcdef"
+IDEMPOTENCY_SECRET = "bench-idempotency-secret-0123456789abcdef"
 NOOP_SOURCE = ROOT / "bench" / "noop" / "main.py"
 COUNTED_SOURCE = ROOT / "bench" / "counted" / "main.py"
 FUNCTIONS = ("dtma_heartbeat_ingest", "mcp_status", "deploy_mcp_server", "manage_mcp_server", "mcp_status_sweep")
@@ -288,9 +289,10 @@ def function_env(database_url: str | None, **extra: str) -> dict[str, str]:
     """The environment a deployed function gets, pointed at the bench database. Logging stays on
     (INFO, one line per request) because production pays for it too; it goes to a file."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DATABASE_URL", "SUPABASE_", "DTMA_", "PYTHONDONTWRITEBYTECODE", "K_SERVICE",
-                                "TASKS_MODE", "COMMAND_", "CLOUD_TASKS_", "THREADS", "WORKERS", "BENCH_"))}
+           if not k.startswith(("DATABASE_URL", "SUPABASE_", "DTMA_", "IDEMPOTENCY_", "PYTHONDONTWRITEBYTECODE",
+                                "K_SERVICE", "TASKS_MODE", "COMMAND_", "CLOUD_TASKS_", "THREADS", "WORKERS", "BENCH_"))}
     env.update({"PYTHONPATH": str(ROOT), "SUPABASE_JWT_SECRET": JWT_SECRET, "DTMA_KEY_SECRET": DTMA_KEY_SECRET,
+                "IDEMPOTENCY_SECRET": IDEMPOTENCY_SECRET,
                 "LOG_LEVEL": "INFO", "LOG_FORMAT": "text", "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
                 "NO_GCE_CHECK": "true"})
     if database_url:

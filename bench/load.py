@@ -63,6 +63,7 @@ from shared.core.toolbox_keys import derive_key, token_digest  # noqa: E402
 
 JWT_SECRET = "load-test-jwt-secret-that-is-at-least-32-bytes"
 MASTER_SECRET = "load-test-master-secret-for-dtma-keys-0123456789"
+IDEMPOTENCY_SECRET = "load-test-idempotency-secret-0123456789abcdef"
 GENERIC_MCP_CATALOG_ID = "00000000-0000-0000-0000-000000000001"
 FUNCTIONS = ("dtma_heartbeat_ingest", "deploy_mcp_server", "manage_mcp_server", "mcp_status")
 MAX_TOOLBOXES, MAX_DURATION = 1000, 600.0
@@ -99,7 +100,8 @@ class LoadConfig:
 
 def function_env(database_url: str) -> dict[str, str]:
     """Production settings for the served functions (loopback DTMAs allowed: local only)."""
-    return {"SUPABASE_JWT_SECRET": JWT_SECRET, "DTMA_KEY_SECRET": MASTER_SECRET, "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
+    return {"SUPABASE_JWT_SECRET": JWT_SECRET, "DTMA_KEY_SECRET": MASTER_SECRET,
+            "IDEMPOTENCY_SECRET": IDEMPOTENCY_SECRET, "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
             "LOG_FORMAT": "text", "DATABASE_URL": database_url}
 
 

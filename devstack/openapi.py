@@ -236,7 +236,8 @@ def _schemas() -> dict[str, Any]:
 
 ERRORS: dict[str, str] = {
     "400": "The request is malformed (`invalid_json`, `invalid_request` naming the field, "
-    "`invalid_heartbeat`, `invalid_idempotency_key`).",
+    "`invalid_heartbeat`, `invalid_idempotency_key`), or its body ended before its declared length "
+    "(`incomplete_body`).",
     "401": "No valid token (`unauthenticated`); `WWW-Authenticate: Bearer`.",
     "403": "The token is valid but may not do this (`forbidden`).",
     "404": "Not found, or not the caller's (the same answer, so ids of others do not leak).",
@@ -456,10 +457,12 @@ def _paths() -> dict[str, Any]:
                 "operationId": "sweep",
                 "security": [{"cloudRunIam": []}],
                 "description": "Called by Cloud Scheduler with an OIDC token; deployed without public "
-                "access, so Cloud Run's IAM check is the authentication (the local stack has none). "
-                "The body is ignored. Idempotent and safe when two run at once.",
+                "access (Cloud Run's IAM check), and the function verifies the token again itself: Google's "
+                "signature, issuer, audience = its own URL, the scheduler's service account (locally: the "
+                "emulator's key, with `--sweep-oidc`). The body is ignored. Idempotent and safe when two run "
+                "at once.",
                 "responses": _responses(
-                    {"200": _body(_ref("SweepCounts"), "What the sweep changed.")}, ("405", "500", "503")
+                    {"200": _body(_ref("SweepCounts"), "What the sweep changed.")}, ("401", "405", "500", "503")
                 ),
             }
         },
@@ -475,10 +478,11 @@ def _paths() -> dict[str, Any]:
                 "operationId": "runCommand",
                 "security": [{"cloudRunIam": []}],
                 "description": "Called by Cloud Tasks (the local stack's emulator locally) with an OIDC token; "
-                "deployed without public access. 200 when the delivery needs no repeat (a duplicate of a "
-                "finished command included); 429 with Retry-After when the command must wait (an earlier "
-                "command of the same server is open, or the toolbox runs its maximum of commands), so the "
-                "queue delivers it again.",
+                "deployed without public access, and the function verifies the token again itself (Google's "
+                "signature, issuer, audience = its own URL, the queue's service account). 200 when the delivery "
+                "needs no repeat (a duplicate of a finished command included); 429 with Retry-After when the "
+                "command must wait (an earlier command of the same server is open, or the toolbox runs its "
+                "maximum of commands), so the queue delivers it again.",
                 "requestBody": {"required": True, "content": {JSON: {"schema": _ref("CommandDelivery")}}},
                 "responses": _responses(
                     {
@@ -486,7 +490,7 @@ def _paths() -> dict[str, Any]:
                         "429": {"description": "Not now; delivered again later.",
                                 "content": {JSON: {"schema": _ref("Error")}}},
                     },
-                    ("400", "405", "500", "503"),
+                    ("400", "401", "405", "500", "503"),
                 ),
             }
         },

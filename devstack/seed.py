@@ -36,6 +36,7 @@ class LocalSecrets:
 
     jwt_secret: str
     dtma_key_secret: str
+    idempotency_secret: str
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -62,17 +63,19 @@ def write_env_file(path: Path, values: dict[str, str], header: str) -> None:
 
 
 def load_or_create_secrets(state_dir: Path) -> LocalSecrets:
-    """The stack's JWT secret and DTMA master secret, generated on first use (>= 32 bytes each)."""
+    """The stack's JWT secret, DTMA master secret and idempotency key, generated on first use (>= 32 bytes
+    each)."""
     path = state_dir / SECRETS_FILE
     values = read_env_file(path)
     changed = False
-    for key in ("SUPABASE_JWT_SECRET", "DTMA_KEY_SECRET"):
+    for key in ("SUPABASE_JWT_SECRET", "DTMA_KEY_SECRET", "IDEMPOTENCY_SECRET"):
         if len(values.get(key, "")) < 32:
             values[key] = secrets.token_urlsafe(48)
             changed = True
     if changed:
         write_env_file(path, values, "Secrets of the local stack only (generated once; delete to rotate).")
-    return LocalSecrets(jwt_secret=values["SUPABASE_JWT_SECRET"], dtma_key_secret=values["DTMA_KEY_SECRET"])
+    return LocalSecrets(jwt_secret=values["SUPABASE_JWT_SECRET"], dtma_key_secret=values["DTMA_KEY_SECRET"],
+                        idempotency_secret=values["IDEMPOTENCY_SECRET"])
 
 
 def mint_jwt(

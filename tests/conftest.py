@@ -89,11 +89,12 @@ def function_client(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Calla
     from functions_framework import create_app
 
     from shared import runtime
-    from tests.factories import MASTER_SECRET
+    from tests.factories import IDEMPOTENCY_SECRET, MASTER_SECRET
 
     def make(function: str, **env: str) -> FlaskClient:
         settings = {"DATABASE_URL": database_url, "SUPABASE_JWT_SECRET": JWT_SECRET,
-                    "DTMA_KEY_SECRET": MASTER_SECRET, "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
+                    "DTMA_KEY_SECRET": MASTER_SECRET, "IDEMPOTENCY_SECRET": IDEMPOTENCY_SECRET,
+                    "ALLOW_PRIVATE_TOOLBOX_IPS": "true",
                     "LOG_FORMAT": "text", **env}
         for key, value in settings.items():
             monkeypatch.setenv(key, value)

@@ -18,6 +18,7 @@ from ops.rows import insert_toolbox
 from shared.core.toolbox_keys import derive_key
 
 MASTER_SECRET = "test-master-secret-for-dtma-keys-0123456789"
+IDEMPOTENCY_SECRET = "test-idempotency-secret-0123456789abcdef"
 GENERIC_MCP_CATALOG_ID = "00000000-0000-0000-0000-000000000001"
 _counter = itertools.count(1)
 

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 
 from shared.adapters import background
 from tests.conftest import JWT_SECRET, ROOT
-from tests.factories import MASTER_SECRET
+from tests.factories import IDEMPOTENCY_SECRET, MASTER_SECRET
 from tests.jwt_helpers import mint_hs256
 
 
@@ -39,7 +39,7 @@ def transition(conn: psycopg.Connection, instance_id: str, to: str, source: str,
     """Apply one transition through the state machine's own function, as the use cases' SQL does
     (tests of the table itself; the RPCs the functions call are tested through the functions)."""
     return conn.execute(
-        "select to_jsonb(public.cp_apply_instance_transition(i, %s::public.account_tool_installation_status_enum, "
+        "select to_jsonb(cp_private.cp_apply_instance_transition(i, %s::public.account_tool_installation_status_enum, "
         "%s::public.instance_event_source_enum, %s)) from public.account_tool_instances i where i.id = %s",
         (to, source, message, instance_id)).fetchone()[0]
 
@@ -121,6 +121,7 @@ FUNCTIONS = (DEPLOY, MANAGE, STATUS, SWEEP, HEARTBEAT)
 
 def base_env(database_url: str) -> dict[str, str]:
     return {"DATABASE_URL": database_url, "SUPABASE_JWT_SECRET": JWT_SECRET, "DTMA_KEY_SECRET": MASTER_SECRET,
+            "IDEMPOTENCY_SECRET": IDEMPOTENCY_SECRET,
             "ALLOW_PRIVATE_TOOLBOX_IPS": "true", "LOG_FORMAT": "text"}
 
 

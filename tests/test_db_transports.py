@@ -105,14 +105,15 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return getattr(exc, "sqlstate", None)
 
 
-# --- an RPC with a row lock, a transition and its event (cp_begin_action) ----------------------------
+# --- an RPC with a row lock, a transition and its event (cp_begin_action_command) --------------------
 
 STOP = {"running": "stopping"}
 
 
 def begin(db: Database, instance: Any, user: Any, plan: Any = None, action: str = "stop") -> Any:
-    return db.call("cp_begin_action", p_user_id=user, p_instance_id=instance, p_action=action,
-                   p_plan=STOP if plan is None else plan, p_message=f"{action} requested", p_allow_internal=True)
+    return db.call("cp_begin_action_command", p_user_id=user, p_instance_id=instance, p_action=action,
+                   p_plan=STOP if plan is None else plan, p_message=f"{action} requested", p_allow_internal=True,
+                   p_command_id=str(uuid.uuid4()))
 
 
 def test_an_action_returns_the_instance_json_and_writes_one_event(db: Database, factory: Factory,
@@ -176,7 +177,8 @@ def test_malformed_input_is_a_400(db: Database, factory: Factory, instance: Any,
         begin(db, instance, box.user_id, plan)
     error = caught.value
     assert (error.status, error.code, error.sqlstate) == (400, "invalid_request", "22P02")
-    assert fragment in error.message
+    # PostgreSQL's own text ("invalid input syntax for type uuid: ...") never reaches a client.
+    assert error.message == "a value is not in the expected format" and fragment not in error.message
 
 
 # --- other SQL outcomes ------------------------------------------------------------------------------
@@ -196,8 +198,8 @@ def test_unique_violation_is_a_409_naming_the_constraint(db: Database, factory: 
         db.call("cp_test_dup", p_instance_id=instance)
     error = caught.value
     assert (error.status, error.code, error.sqlstate) == (409, "conflict", "23505")
-    assert error.constraint == "uq_instance_name_per_toolbox"
-    assert "uq_instance_name_per_toolbox" in error.message
+    assert error.constraint == "uq_instance_name_per_toolbox"  # for use cases to refine; never shown
+    assert error.message == "this conflicts with an existing record" and error.details == {}
 
 
 @pytest.mark.parametrize(("value", "key", "result"), [
@@ -265,8 +267,11 @@ def test_sqlstate_outcomes_are_the_same_on_both_transports(
     else:
         assert isinstance(error, DomainError), repr(error)
         assert (error.status, error.code, error.sqlstate) == (*outcome, sqlstate)
-        assert error.message == f"raised {sqlstate}"
-        assert error.details == {"why": "test", "n": 1}
+        if sqlstate.startswith("MC"):  # our SQL's own sentences and details
+            assert error.message == f"raised {sqlstate}"
+            assert error.details == {"why": "test", "n": 1}
+        else:  # PostgreSQL's: replaced by a sentence of ours, details dropped
+            assert error.message != f"raised {sqlstate}" and error.details == {}
 
 
 @pytest.mark.parametrize("detail", ["plain words", "[1, 2]", "", None])
@@ -463,9 +468,10 @@ def test_standin_refuses_what_it_does_not_implement(api: PostgrestStandin, path:
 def test_standin_answers_postgres_errors_like_postgrest(api: PostgrestStandin, factory: Factory) -> None:
     box = factory.toolbox()
     instance = factory.instance(box, status="stopped")
-    response = _post(api, "/rest/v1/rpc/cp_begin_action",
+    response = _post(api, "/rest/v1/rpc/cp_begin_action_command",
                      {"p_user_id": box.user_id, "p_instance_id": instance, "p_action": "stop",
-                      "p_plan": {"running": "stopping"}, "p_message": "x", "p_allow_internal": True})
+                      "p_plan": {"running": "stopping"}, "p_message": "x", "p_allow_internal": True,
+                      "p_command_id": str(uuid.uuid4())})
     assert response.status_code == 400  # MC409 is not in PostgREST's table: "other" -> 400
     body = response.json()
     assert set(body) == {"code", "message", "details", "hint"}

@@ -196,4 +196,5 @@ def test_env_values_quoted_by_the_agent_are_not_stored_or_returned(
     stored = pg.execute("select coalesce(string_agg(t::text, '|'), '') from account_tool_instances t").fetchone()[0]
     events = pg.execute("select string_agg(t::text, '|') from account_tool_instance_events t").fetchone()[0]
     assert ENV_SECRETS["ECHOED"] not in stored and ENV_SECRETS["ECHOED"] not in events
-    assert "invalid env ECHOED=" in events  # the rest of the agent's words are kept
+    # The agent's answer quoted a secret: it is withheld whole, and the outcome says where to read it.
+    assert "quoted part of a secret environment value" in events and "invalid env ECHOED=" not in events

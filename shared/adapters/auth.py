@@ -291,6 +291,12 @@ def _user_claims(payload: dict[str, Any]) -> UserClaims:
     if not isinstance(sub, str) or not _UUID_RE.fullmatch(sub):
         raise AuthError("token subject ('sub') is not a user UUID")
 
+    # PyJWT reads a numeric string as a time; RFC 7519 says NumericDate, a JSON number.
+    for claim in ("exp", "nbf", "iat"):
+        value = payload.get(claim)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise AuthError(f"token claim '{claim}' is not a number")
+
     email = payload.get("email")
     session_id = payload.get("session_id")
     return UserClaims(

@@ -37,11 +37,33 @@ _configured = False
 _EXCEPTION_SECRETS = "_mcp_request_secrets"
 
 
+# A piece this long of a secret value is treated as the secret itself (see quotes_secret).
+SECRET_PIECE = 8
+WITHHELD = "[REDACTED: this text quoted part of a secret value]"
+
+
+def quotes_secret(text: str, secrets: Iterable[str]) -> bool:
+    """Whether `text` holds any piece of SECRET_PIECE or more characters of a secret, in any
+    letter case: an agent's error that echoes the first 20 characters, or an upper-cased copy, of
+    an env value leaks it as surely as an exact copy. One set of the text's windows, then one
+    lookup per window of each secret: linear in the sizes, however many secrets there are."""
+    pieces = [s.lower() for s in secrets if len(s) >= SECRET_PIECE]
+    if not pieces or len(text) < SECRET_PIECE:
+        return False
+    lowered = text.lower()
+    windows = {lowered[i:i + SECRET_PIECE] for i in range(len(lowered) - SECRET_PIECE + 1)}
+    return any(piece[i:i + SECRET_PIECE] in windows for piece in pieces
+               for i in range(len(piece) - SECRET_PIECE + 1))
+
+
 def redact(text: str, extra: Iterable[str] = ()) -> str:
-    """`text` with every known secret and secret-shaped token replaced."""
+    """`text` with every known secret and secret-shaped token replaced; withheld whole when it
+    quotes part of a request's secret (a deploy's env values)."""
     for secret in (*_process_secrets, *_request_secrets.get(), *extra):
         if secret and secret in text:
             text = text.replace(secret, REDACTED)
+    if quotes_secret(text, (*_request_secrets.get(), *extra)):
+        return WITHHELD
     text = _PATTERNS[0].sub(r"\1" + REDACTED, text)
     text = _PATTERNS[1].sub(REDACTED, text)
     text = _PATTERNS[2].sub(REDACTED, text)

@@ -8,7 +8,10 @@ Messages are sentences a user can act on; `code` is stable for programs.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger("mcp.db")
 
 
 class ApiError(Exception):
@@ -75,8 +78,9 @@ class ServiceUnavailable(ApiError):
 # "operational" (28 auth, 2F/38/39 routine errors, 54 limits) are bugs or misconfiguration.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57")
 
-# SQLSTATEs raised by our SQL functions (sql/migrations/0003_state_machine.sql) and the Postgres
-# errors a user's input can cause, mapped to (HTTP status, error code).
+# SQLSTATEs raised by our SQL functions (sql/migrations/0003_state_machine.sql, class MC: their
+# messages are our own sentences) and the PostgreSQL errors a request can still cause, mapped to
+# (HTTP status, error code).
 SQLSTATE_STATUS: dict[str, tuple[int, str]] = {
     "MC400": (400, "invalid_request"),
     "MC401": (401, "unauthenticated"),
@@ -89,15 +93,40 @@ SQLSTATE_STATUS: dict[str, tuple[int, str]] = {
     "23503": (404, "not_found"),
     "22P02": (400, "invalid_request"),
     "22023": (400, "invalid_request"),
-    "22P05": (400, "invalid_request"),  # \u0000 in a JSON value: PostgreSQL text cannot hold it
+    "22P05": (400, "invalid_request"),
+    "22001": (400, "invalid_request"),
+    "22003": (400, "invalid_request"),
+    "22007": (400, "invalid_request"),
+    "22008": (400, "invalid_request"),
+}
+
+# PostgreSQL's own message text names tables, constraints and types: it never reaches a client.
+# These sentences replace it (the original goes to the log with the request id).
+_POSTGRES_SENTENCES: dict[str, str] = {
+    "23505": "this conflicts with an existing record",
+    "23514": "a value is outside what is allowed",
+    "23503": "a record this request refers to does not exist (was the account or toolbox deleted?)",
+    "22P02": "a value is not in the expected format",
+    "22023": "a value is not valid",
+    "22P05": "a text value holds a character that cannot be stored (\\u0000)",
+    "22001": "a text value is longer than allowed",
+    "22003": "a number is out of range",
+    "22007": "a date or time is not in the expected format",
+    "22008": "a date or time is out of range",
 }
 
 
 def domain_error(sqlstate: str, message: str, details: dict[str, Any] | None = None,
                  constraint: str | None = None) -> DomainError | None:
-    """The DomainError for a SQLSTATE a request can cause, or None for a server-side fault."""
+    """The DomainError for a SQLSTATE a request can cause, or None for a server-side fault.
+
+    Only our own SQL's refusals (class MC) keep their message and details; for PostgreSQL's own
+    errors the client gets a sentence of ours (use cases refine it by `constraint`)."""
     mapped = SQLSTATE_STATUS.get(sqlstate)
     if mapped is None:
         return None
     status, code = mapped
+    if not sqlstate.startswith("MC"):
+        log.info("database refused a request (SQLSTATE %s, constraint %s): %s", sqlstate, constraint, message)
+        message, details = _POSTGRES_SENTENCES[sqlstate], {}
     return DomainError(status, code, message, details, sqlstate=sqlstate, constraint=constraint)

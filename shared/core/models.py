@@ -28,6 +28,14 @@ _HOST = r"(?:(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)(?::[0-9]{1,5})?/|[A
 IMAGE_REFERENCE = re.compile(
     rf"^{_HOST}?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?$")
 
+def _registry_port(reference: str) -> int | None:
+    """The port of the reference's registry host, if its first component is `host:port`."""
+    first, slash, _ = reference.partition("/")
+    if not slash or ":" not in first:
+        return None
+    return int(first.rpartition(":")[2])
+
+
 MAX_ENV_VARS = 100
 MAX_ENV_VALUE = 32 * 1024
 
@@ -36,12 +44,19 @@ def _aliases(*names: str) -> Any:
     return AliasChoices(*names)
 
 
+# Ids arrive as JSON strings, so UUID fields alone are parsed leniently (a UUID from its text).
+LaxUUID = Annotated[UUID, Field(strict=False)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False)
+    """Strict types: a boolean is not a port and "80" is not a number (pydantic's lax mode would
+    bind `true` as port 1). Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=False, strict=True)
 
 
 class DeployRequest(_Strict):
-    toolbox_id: UUID = Field(validation_alias=_aliases("toolbox_id", "toolboxId", "accountToolEnvironmentId"))
+    toolbox_id: LaxUUID = Field(validation_alias=_aliases("toolbox_id", "toolboxId", "accountToolEnvironmentId"))
     name: str = Field(validation_alias=_aliases("name", "instanceNameOnToolbox", "instance_name_on_toolbox"))
     image: str | None = Field(default=None, validation_alias=_aliases("image", "dockerImage", "dockerImageUrl"))
     transport: Literal["stdio", "sse", "streamable_http"] = Field(
@@ -55,7 +70,15 @@ class DeployRequest(_Strict):
         default_factory=dict, max_length=MAX_ENV_VARS, validation_alias=_aliases("env", "environmentVariables"))
     capabilities: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
         default_factory=list, max_length=32, validation_alias=_aliases("capabilities", "mcpCapabilities"))
-    catalog_id: UUID | None = Field(default=None, validation_alias=_aliases("catalog_id", "toolCatalogId"))
+    catalog_id: LaxUUID | None = Field(default=None, validation_alias=_aliases("catalog_id", "toolCatalogId"))
+    # Where Docker publishes the host port (HostIp of the binding): "public" = every address of the
+    # droplet (Docker's default, unauthenticated to the internet unless a cloud firewall limits it;
+    # SECURITY.md), "loopback" = 127.0.0.1 (the droplet only), "private" = the droplet's VPC address.
+    publish: Literal["public", "private", "loopback"] = Field(
+        default="public",
+        description="Where the host port is published on the droplet: public (all its addresses; limit it with "
+                    "a cloud firewall), loopback (127.0.0.1: reachable from the droplet only) or private (its "
+                    "VPC address: refused while the toolbox's private address is unknown).")
 
     @field_validator("name")
     @classmethod
@@ -71,6 +94,9 @@ class DeployRequest(_Strict):
         if value is not None and (len(value) > 255 or not IMAGE_REFERENCE.fullmatch(value)):
             raise ValueError("is not a valid Docker image reference (e.g. mcp/github:latest or "
                              "ghcr.io/org/server@sha256:...)")
+        port = _registry_port(value) if value is not None else None
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"names registry port {port}; a port is 1-65535")
         return value
 
     @field_validator("endpoint_path")
@@ -95,7 +121,7 @@ class DeployRequest(_Strict):
 class ActionRequest(_Strict):
     """The body form of manage_mcp_server, for clients that cannot set the path."""
 
-    instance_id: UUID = Field(validation_alias=_aliases("instance_id", "instanceId", "id"))
+    instance_id: LaxUUID = Field(validation_alias=_aliases("instance_id", "instanceId", "id"))
     action: Literal["start", "stop", "restart", "remove", "delete"]
     # remove only: drop the record without asking the agent (an unreachable or deleted droplet).
     force: StrictBool = False

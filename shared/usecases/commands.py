@@ -33,7 +33,7 @@ from uuid import UUID
 from shared.adapters import secret_env
 from shared.adapters.dtma import AddressRefused, DtmaError, DtmaRejected, Target
 from shared.adapters.http import Call, Reply
-from shared.adapters.logging import redact, request_secrets
+from shared.adapters.logging import quotes_secret, redact, request_secrets
 from shared.core import lifecycle
 from shared.core.errors import invalid
 from shared.core.lifecycle import Status
@@ -49,7 +49,11 @@ _LEASE_MARGIN_SECONDS = 60
 
 
 def dtma_body(instance: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """The body of DTMA's `POST /tools` (docs/real-agent.md): the agent reads only Env and PortBindings."""
+    """The body of DTMA's `POST /tools` (docs/real-agent.md): the agent reads only Env and PortBindings.
+
+    It hands PortBindings to Docker as they are (tool_routes.ts), so the binding `cp_record_deploy`
+    recorded is exactly what Docker publishes: `{"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "49152"}]}`
+    for `publish: "loopback"`, no HostIp (every address of the droplet) for "public"."""
     return {
         "dockerImageUrl": instance["docker_image_url"],
         "instanceNameOnToolbox": instance["instance_name_on_toolbox"],
@@ -100,7 +104,13 @@ def _deploy(rt: Ports, claim: dict[str, Any]) -> Outcome:
             outcome = Outcome(Status.ERROR, exc.message, 409, "toolbox_address_refused")
         except DtmaError as exc:
             outcome = from_dtma_error(exc, action="deploy", name=name)
-        # The agent's words may quote the environment values (secrets: never stored or returned).
+        # The agent's words may quote the environment values (secrets: never stored or returned, in
+        # whole or in part, in any letter case): such an answer is withheld (SECURITY.md).
+        if quotes_secret(outcome.message, env.values()):
+            outcome = replace(outcome, message=(
+                f"the toolbox's answer to the deploy of {name} quoted part of a secret environment value, so it "
+                f"is not shown; read it on the toolbox (the agent's log, or `docker logs {name}` if the container "
+                "was created)"))
         outcome = replace(outcome, message=redact(outcome.message))
     # A deploy that never reached the agent created nothing: an error. No answer (to None): the
     # outcome is unknown, only the event is written; a heartbeat or the sweep's deadline settles it.
@@ -146,6 +156,9 @@ class _Steps:
         self.rt = rt
         self.target: Target = target  # type: ignore[assignment]  # None only to revert at once
         self.instance = claim["instance"]
+        # Only a deploy holds the env values to check an agent's words against; for the other
+        # actions on a server that has secret values, those words are never shown (SECURITY.md).
+        self.withhold = bool(self.instance.get("env_var_names"))
         self.previous = claim["command"]["previous_status"]
         self.previous_error = claim["command"].get("previous_error")
         self.id = self.instance["id"]
@@ -211,7 +224,8 @@ class _Steps:
             if exc.status == 404:
                 return self.not_managed(Status.STOPPING, "stop")
             # The agent tried and Docker refused: the container is as it was.
-            return self.revert(Status.STOPPING, from_dtma_error(exc, action="stop", name=self.name))
+            return self.revert(Status.STOPPING, from_dtma_error(
+                exc, action="stop", name=self.name, withhold_agent_text=self.withhold))
         except DtmaError as exc:
             return self._failed(Status.STOPPING, exc, "stop")
         return None
@@ -222,7 +236,7 @@ class _Steps:
         except DtmaRejected as exc:
             if exc.status == 404:
                 return self.not_managed(Status.STARTING, "start")
-            failure = from_dtma_error(exc, action="start", name=self.name)
+            failure = from_dtma_error(exc, action="start", name=self.name, withhold_agent_text=self.withhold)
             self.settle(Status.STARTING, failure.to, failure.message)
             return failure
         except DtmaError as exc:
@@ -259,7 +273,8 @@ class _Steps:
             self.rt.dtma.remove(self.target, self.name, self.timeout)
         except DtmaRejected as exc:
             if exc.status != 404:
-                return _Result(self.revert(Status.DELETING, from_dtma_error(exc, action="remove", name=self.name)))
+                return _Result(self.revert(Status.DELETING, from_dtma_error(
+                    exc, action="remove", name=self.name, withhold_agent_text=self.withhold)))
             listed = self.listing()
             if listed:
                 left = (f"container {self.name} is still on the droplet: the toolbox agent does not manage it (the "
@@ -283,7 +298,7 @@ class _Steps:
         return _Result(removed=True)
 
     def _failed(self, expected: Status, exc: DtmaError, verb: str) -> Outcome:
-        failure = from_dtma_error(exc, action=verb, name=self.name)
+        failure = from_dtma_error(exc, action=verb, name=self.name, withhold_agent_text=self.withhold)
         if not failure.reached:
             return self.revert(expected, failure)
         self.settle(expected, failure.to, failure.message)
@@ -362,7 +377,12 @@ def execute(rt: Ports, command_id: str) -> dict[str, Any]:
 
 
 def handle(call: Call, rt: Ports) -> Reply:
-    """The worker's HTTP face: 200 when the delivery needs no repeat, 429 when it must come again."""
+    """The worker's HTTP face: 200 when the delivery needs no repeat, 429 when it must come again.
+    Only the queue's service account may deliver: its Google OIDC token is checked first (401)."""
+    from shared.adapters import invoker_auth
+    from shared.core.config import WORKER
+
+    invoker_auth.authenticate(call.header("Authorization"), rt.settings, WORKER)
     body = call.json()
     raw = body.get("command_id") if isinstance(body, dict) else None
     try:

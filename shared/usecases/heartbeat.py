@@ -13,12 +13,17 @@ apply and record them in one round trip. Items come in two formats, detected per
 
 An item `{"error": ...}` means the agent could not talk to Docker: the toolbox's Docker is
 recorded as unhealthy and no instance changes.
+
+The token is checked before the body is read (`RecentTokens`), so an unknown caller cannot make
+the function parse a megabyte; a steady agent's beat stays one round trip.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 
 from shared.adapters.http import Call, Reply
 from shared.core.errors import ApiError
@@ -38,18 +43,63 @@ def bearer_token(call: Call) -> str:
     return token
 
 
+class RecentTokens:
+    """Digests of toolbox tokens this instance saw accepted lately.
+
+    A token is checked before its body is read, so an unauthenticated caller cannot make us read
+    and validate up to a megabyte; for a token accepted within `ttl` that check is skipped,
+    so a steady heartbeat stays one database round trip (the ingest itself checks the token
+    again: a revoked token is refused there, and forgotten here). Bounded, oldest out first.
+    """
+
+    def __init__(self, ttl: float = 600.0, capacity: int = 20_000) -> None:
+        self._ttl, self._capacity = ttl, capacity
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, digest: str) -> bool:
+        expires = self._seen.get(digest)
+        return expires is not None and expires > time.monotonic()
+
+    def add(self, digest: str) -> None:
+        with self._lock:
+            self._seen.pop(digest, None)
+            self._seen[digest] = time.monotonic() + self._ttl
+            while len(self._seen) > self._capacity:
+                del self._seen[next(iter(self._seen))]
+
+    def discard(self, digest: str) -> None:
+        with self._lock:
+            self._seen.pop(digest, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+RECENT = RecentTokens()
+_INVALID = "invalid toolbox token"
+
+
+def _refused() -> ApiError:
+    # Same answer whether the token is unknown or was revoked by a key rotation.
+    return ApiError(401, "unauthenticated", _INVALID, headers={"WWW-Authenticate": "Bearer"})
+
+
 def handle(call: Call, ports: Ports) -> Reply:
     """Authenticate, validate, apply: 204 on success, as the DTMA expects."""
     digest = hashlib.sha256(bearer_token(call).encode()).hexdigest()
+    if digest not in RECENT and not ports.db.call("cp_toolbox_token_known", p_token_sha256=digest):
+        raise _refused()
     report = build_report(call.json())
     try:
         result = ports.db.call("cp_ingest_heartbeat", p_token_sha256=digest, p_report=report)
     except ApiError as err:
         if err.status == 401:
-            # Same answer whether the token is unknown or was revoked by a key rotation.
-            raise ApiError(401, "unauthenticated", "invalid toolbox token",
-                           headers={"WWW-Authenticate": "Bearer"}) from None
+            RECENT.discard(digest)
+            raise _refused() from None
         raise
+    RECENT.add(digest)
     call.log_fields.update({"toolbox_id": result["toolbox_id"], "ignored": result["ignored"],
                             **{k: result.get(k) for k in ("matched", "transitions", "rejected", "unmanaged")}})
     changed = result.get("transitions") or result.get("rejected") or result.get("previous_status") != "active"

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import SecretStr
+
 from shared.adapters.db import Database
 from shared.adapters.http import Call, Reply
 from shared.core.config import Settings
@@ -35,11 +37,27 @@ def _key(call: Call) -> str | None:
     return key
 
 
-def fingerprint(settings: Settings, call: Call, body: Any) -> str:
-    secret = (settings.DTMA_KEY_SECRET or settings.BACKEND_TO_DTMA_API_KEY or settings.SUPABASE_JWT_SECRET)
-    key = hashlib.sha256(b"idempotency:" + (secret.get_secret_value().encode() if secret else b"")).digest()
+def fingerprint(secret: SecretStr, call: Call, body: Any) -> str:
+    key = hashlib.sha256(b"idempotency:" + secret.get_secret_value().encode()).digest()
     canonical = json.dumps([call.method, call.path, body], sort_keys=True, separators=(",", ":"), default=str)
     return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def _claim(db: Database, settings: Settings, call: Call, *, user_id: str, scope: str, key: str,
+           body: Any) -> dict[str, Any]:
+    """Claim the key with the current secret's fingerprint; when that differs from the stored
+    one and a rotation is under way, the same request may have been fingerprinted with the
+    previous secret: try that before calling it a different request."""
+    assert settings.IDEMPOTENCY_SECRET is not None  # a configuration problem at start otherwise
+    args = {"p_user_id": user_id, "p_scope": scope, "p_key": key, "p_ttl_seconds": settings.IDEMPOTENCY_TTL_SECONDS}
+    try:
+        return db.call("cp_idempotency_claim", **args,
+                       p_request_digest=fingerprint(settings.IDEMPOTENCY_SECRET, call, body))
+    except ApiError as err:
+        if err.status != 422 or settings.IDEMPOTENCY_SECRET_PREVIOUS is None:
+            raise
+    return db.call("cp_idempotency_claim", **args,
+                   p_request_digest=fingerprint(settings.IDEMPOTENCY_SECRET_PREVIOUS, call, body))
 
 
 def run(db: Database, settings: Settings, call: Call, *, user_id: str, scope: str, body: Any,
@@ -48,11 +66,9 @@ def run(db: Database, settings: Settings, call: Call, *, user_id: str, scope: st
     key = _key(call)
     if key is None:
         return work()
-    digest = fingerprint(settings, call, body)
     deadline = time.monotonic() + settings.DTMA_DEPLOY_BUDGET_SECONDS * 2 + 1
     while True:
-        claim = db.call("cp_idempotency_claim", p_user_id=user_id, p_scope=scope, p_key=key,
-                        p_request_digest=digest, p_ttl_seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+        claim = _claim(db, settings, call, user_id=user_id, scope=scope, key=key, body=body)
         if claim.get("claimed"):
             break
         if claim.get("replay"):

@@ -31,7 +31,7 @@ from shared.core.models import ActionRequest, parse
 from shared.usecases import commands_queue, idempotency, view
 from shared.usecases.ports import Ports
 
-_PATH = re.compile(r"^/(?P<id>[0-9a-fA-F-]{36})(?:/(?P<action>start|stop|restart|remove|delete))?/?$")
+_PATH = re.compile(r"^/(?P<id>[^/]{1,64})(?:/(?P<action>start|stop|restart|remove|delete))?/?$")
 _TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no", ""})
 
 
@@ -56,10 +56,18 @@ def _route(call: Call) -> _Request:
     action = match.group("action")
     force = _force(call.request.args.getlist("force"))
     if call.method == "DELETE" and action is None:
-        return _Request(match.group("id").lower(), "remove", force, None)
+        return _Request(_path_id(match.group("id")), "remove", force, None)
     if call.method == "POST" and action is not None:
-        return _checked(_Request(match.group("id").lower(), action, force, None))
+        return _checked(_Request(_path_id(match.group("id")), action, force, None))
     raise ApiError(405, "method_not_allowed", "use POST /<id>/start|stop|restart or DELETE /<id>")
+
+
+def _path_id(text: str) -> str:
+    """The instance id of the path, parsed before any SQL sees it."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise invalid("instance_id", "must be a UUID (the id mcp_status lists)") from None
 
 
 def _force(values: list[str]) -> bool:

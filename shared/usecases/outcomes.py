@@ -41,7 +41,15 @@ class Outcome:
     reached: bool = True
 
 
-def from_dtma_error(exc: DtmaError, *, action: str, name: str) -> Outcome:
+# What stands for the agent's own words about a server that holds secret env values (SECURITY.md).
+WITHHELD = ("[the agent's message is not shown: this server has secret environment values, which an agent's "
+            "error may quote; read it in the agent's log on the droplet]")
+
+
+def from_dtma_error(exc: DtmaError, *, action: str, name: str, withhold_agent_text: bool = False) -> Outcome:
+    """The outcome of a failed call. `withhold_agent_text`: the server has secret env values and the
+    action's caller cannot check the agent's words against them (only a deploy holds the values),
+    so those words are classified but never shown or stored."""
     if isinstance(exc, DtmaTimeout):
         return Outcome(None, f"{exc.message}; it may still be working on it: the next heartbeat will tell whether "
                              f"{name} is up", 202, "accepted")
@@ -50,17 +58,20 @@ def from_dtma_error(exc: DtmaError, *, action: str, name: str) -> Outcome:
                              f"the toolbox; check that the droplet is running and its port is open, then try again",
                        502, "toolbox_unreachable", reached=False)
     if isinstance(exc, DtmaRejected):
-        return _rejected(exc, action=action, name=name)
+        return _rejected(exc, action=action, name=name, shown=WITHHELD if withhold_agent_text else exc.agent_message)
+    message = f"the toolbox's answer to the {action} of {name} was not usable {WITHHELD}" if withhold_agent_text \
+        else exc.message
     if isinstance(exc, DtmaBadResponse):
-        return Outcome(Status.ERROR, f"{exc.message}; {name}'s state will be known at the next heartbeat", 502,
+        return Outcome(Status.ERROR, f"{message}; {name}'s state will be known at the next heartbeat", 502,
                        "toolbox_failed")
-    return Outcome(Status.ERROR, exc.message, 502, "toolbox_failed")
+    return Outcome(Status.ERROR, message, 502, "toolbox_failed")
 
 
-def _rejected(exc: DtmaRejected, *, action: str, name: str) -> Outcome:
+def _rejected(exc: DtmaRejected, *, action: str, name: str, shown: str) -> Outcome:
+    """Classified by the agent's words (`said`); only `shown` is ever displayed."""
     said = exc.agent_message
     if exc.status == 409:
-        return Outcome(Status.ERROR, f"the toolbox refused to {action} {name}: {said}", 409, "conflict")
+        return Outcome(Status.ERROR, f"the toolbox refused to {action} {name}: {shown}", 409, "conflict")
     if exc.status in (401, 403):
         return Outcome(Status.ERROR, f"the toolbox agent refused the backend's key ({exc.status}); reissue "
                                      "the toolbox's credentials (mcp-toolbox credentials) and restart its "
@@ -76,18 +87,18 @@ def _rejected(exc: DtmaRejected, *, action: str, name: str) -> Outcome:
                                      "created by this deploy; pick another name, or remove that container on the "
                                      "droplet", 409, "name_taken")
     if "pull access denied" in said or "manifest unknown" in said:
-        return Outcome(Status.ERROR, f"the toolbox could not pull the image for {name}: {said}. Check the image "
+        return Outcome(Status.ERROR, f"the toolbox could not pull the image for {name}: {shown}. Check the image "
                                      "name and tag, or make the image public", 502, "image_pull_failed")
     if "No such image" in said:
         # The agent misses errors reported inside Docker's pull stream and then fails to create
         # the container with "No such image" (docs/real-agent.md).
         return Outcome(Status.ERROR, f"the toolbox could not pull the image for {name}: the pull failed on the "
-                                     f"toolbox (the agent reports: {said}). Check the image name and tag, that "
+                                     f"toolbox (the agent reports: {shown}). Check the image name and tag, that "
                                      "the registry lets the droplet pull it, and the droplet's disk space", 502,
                        "image_pull_failed")
     if DOCKER_DOWN.search(said):
         return Outcome(Status.ERROR, f"Docker is not answering on the toolbox, so the agent could not {action} "
-                                     f"{name} (it says: {said}). On the droplet: systemctl status docker", 502,
+                                     f"{name} (it says: {shown}). On the droplet: systemctl status docker", 502,
                        "docker_down")
-    return Outcome(Status.ERROR, f"the toolbox failed to {action} {name} ({exc.status}): {said}", 502,
+    return Outcome(Status.ERROR, f"the toolbox failed to {action} {name} ({exc.status}): {shown}", 502,
                    "toolbox_failed")

@@ -12,7 +12,8 @@ Docker.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,10 +22,16 @@ from shared.core import lifecycle
 from shared.core.errors import ApiError, from_validation
 
 MAX_ITEMS = 5000
+# What a beat may leave on the toolbox row. A real agent's system_status is ~300 bytes; anything far
+# larger is kept as a note saying so, not refused: the beat's liveness and containers still count.
+MAX_SYSTEM_STATUS_BYTES = 4096
+MAX_EXTRA_BYTES = 1024
+MAX_RUNTIME_DETAILS_BYTES = 2048
 
 
 class _Item(BaseModel):
-    model_config = ConfigDict(extra="allow", str_max_length=4096)
+    # Strict: a string is not a number ("seq": "5"), a boolean is not a port.
+    model_config = ConfigDict(extra="allow", str_max_length=4096, strict=True)
 
 
 class Port(_Item):
@@ -47,7 +54,7 @@ class ContainerSummary(_Item):
 
 
 class InstanceReport(_Item):
-    account_tool_instance_id: UUID
+    account_tool_instance_id: Annotated[UUID, Field(strict=False)]  # a UUID from its JSON text
     status_on_toolbox: str = Field(max_length=64)
     instance_name_on_toolbox: str | None = None
     runtime_details: dict[str, Any] | None = None
@@ -69,10 +76,7 @@ def _field_error(exc: ValidationError, prefix: str = "") -> ApiError:
 
 
 def _port_json(port: Port) -> dict[str, Any]:
-    """`port.model_dump(exclude_none=True)`; without extra fields (always, from a real DTMA) the
-    declared scalar fields are copied directly, which is what model_dump does, minus its overhead."""
-    if port.__pydantic_extra__:
-        return port.model_dump(exclude_none=True)
+    """The declared fields that are set (a port's unknown fields are not stored)."""
     return {k: v for k, v in port.__dict__.items() if v is not None}
 
 
@@ -98,8 +102,20 @@ def container_observation(item: ContainerSummary) -> dict[str, Any]:
 def _instance_observation(item: InstanceReport) -> dict[str, Any]:
     name = item.instance_name_on_toolbox or str(item.account_tool_instance_id)
     target, message = lifecycle.observed_from_report(item.status_on_toolbox, name)
-    runtime = {"reported_status": item.status_on_toolbox, **(item.runtime_details or {})}
+    runtime = {"reported_status": item.status_on_toolbox,
+               **_bounded(item.runtime_details or {}, MAX_RUNTIME_DETAILS_BYTES, "runtime_details")}
     return {"id": str(item.account_tool_instance_id), "target": target, "message": message, "runtime": runtime}
+
+
+def _bounded(value: dict[str, Any], limit: int, what: str) -> dict[str, Any]:
+    """`value` if its JSON fits in `limit` bytes, else a note of what was left out."""
+    if not value:
+        return value
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size <= limit:
+        return value
+    return {"omitted": f"{what} of {size} bytes not stored (at most {limit} are kept)",
+            "keys": [key[:64] for key in list(value)[:32]]}
 
 
 def build_report(body: Any) -> dict[str, Any]:
@@ -129,14 +145,14 @@ def build_report(body: Any) -> dict[str, Any]:
     known = _HEARTBEAT_FIELDS
     return {
         "dtma_version": beat.dtma_version,
-        "system_status": beat.system_status,
+        "system_status": _bounded(beat.system_status, MAX_SYSTEM_STATUS_BYTES, "system_status"),
         "boot_id": beat.boot_id,
         "seq": beat.seq if beat.boot_id is not None else None,
         # The real DTMA lists every container on the engine, its own included, so a
         # container-format beat (or an empty one) is the whole truth about the toolbox.
         "full_list": not instances,
         "docker_error": docker_error,
-        "extra": {k: v for k, v in body.items() if k not in known},
+        "extra": _bounded({k: v for k, v in body.items() if k not in known}, MAX_EXTRA_BYTES, "unknown fields"),
         "containers": containers,
         "instances": instances,
     }

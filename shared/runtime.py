@@ -55,7 +55,7 @@ class Runtime:
             return tasks.CloudTasksQueue(self.settings)
         from shared.usecases import commands
 
-        return tasks.InlineQueue(lambda command_id: commands.execute(self, command_id))
+        return tasks.InlineQueue(lambda command_id: commands.execute(self, command_id, inline=True))
 
 
 _runtimes: dict[str, Runtime] = {}

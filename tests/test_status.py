@@ -67,6 +67,8 @@ def test_a_server_as_the_web_app_sees_it(client: FlaskClient, factory: Factory,
                             docker_image_url="mcp/github:latest")
     pg.execute("update account_tool_instances set status_changed_at = now() - interval '300 seconds' "
                "where id = %s", (inst,))
+    pg.execute("insert into mcp_endpoint_probes (account_tool_instance_id, ready, checked_at, tool_count) "
+               "values (%s, true, now(), 0)", (inst,))  # its MCP endpoint answered (tests/test_mcp_health.py)
     add_event(pg, inst, box, "deploy sent", "pending_deploy", "deploying")
     add_event(pg, inst, box, "container github is running", "deploying", "running", "heartbeat")
     server = one(client, box.user_id, inst)
@@ -160,6 +162,8 @@ def test_silent_swept_heartbeat_read_round_trip(function_client: Any, factory: F
     heartbeat_client = function_client("dtma_heartbeat_ingest")
     box = factory.toolbox(heartbeat_age_seconds=STALE + 60)
     inst = factory.instance(box, status="running", name="srv")
+    pg.execute("insert into mcp_endpoint_probes (account_tool_instance_id, ready, checked_at, tool_count) "
+               "values (%s, true, now(), 0)", (inst,))  # its MCP endpoint answered (tests/test_mcp_health.py)
     assert one(status_client, box.user_id, inst)["effective_status"] == "unknown"  # stale before any sweep
 
     assert sweep_client.post("/").json["marked_unresponsive"] == 1

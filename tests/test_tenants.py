@@ -98,6 +98,9 @@ def tenants(factory: Factory, toolbox_agent: Any) -> Tenants:
     running = factory.instance(box_a, status="running", name="a-running")
     stopped = factory.instance(box_a, status="stopped", name="a-stopped")
     factory.instance(box_b, status="running", name="b-own")
+    # Their MCP endpoints were checked just now: a sweep has nothing to check (tests/test_mcp_health.py).
+    factory.conn.execute("insert into mcp_endpoint_probes (account_tool_instance_id, ready, checked_at) "
+                         "select id, true, now() from account_tool_instances where status_on_toolbox = 'running'")
     return Tenants(a, b, box_a, box_b, [agent_a, agent_b], Targets(box_a.id, running, stopped),
                    Targets(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())))
 

@@ -60,6 +60,13 @@ Image conventions (no configuration needed; any other image deploys and runs)
     :meth:`StandInAgent.set_image_behaviour`, ``POST /_standin/images`` or the CLI's
     ``--pull-denied-image``, ``--stream-error-image`` and ``--exit-image IMAGE[=CODE]``.
 
+MCP on the containers' ports
+    Every running container created through ``POST /tools`` serves a real MCP server (the ``mcp``
+    SDK's, streamable HTTP at ``/mcp`` and SSE at ``/sse``) on its published host port, on loopback,
+    until it stops: images named ``no-mcp`` (``example/no-mcp:latest``) answer 404 HTML instead, and
+    :meth:`StandInAgent.set_container_mcp` / ``POST /_standin/containers/<n>/mcp`` make a server
+    stop answering. The rule, the modes and the knobs: :mod:`devstack.dtma_standin.mcp_servers`.
+
 Control surface
     Besides the Python methods of :class:`StandInAgent`, a running agent serves
     ``/_standin/*`` (see :mod:`devstack.dtma_standin.control`) so that other processes can
@@ -76,11 +83,13 @@ from devstack.dtma_standin.agent import ContainerSnapshot, StandInAgent
 from devstack.dtma_standin.cli import main
 from devstack.dtma_standin.fleet import StandInFleet
 from devstack.dtma_standin.heartbeat import HeartbeatScheduler
+from devstack.dtma_standin.mcp_servers import McpServerInfo
 from devstack.dtma_standin.routes import RequestRecord, Route
 
 __all__ = [
     "ContainerSnapshot",
     "HeartbeatScheduler",
+    "McpServerInfo",
     "RequestRecord",
     "Route",
     "StandInAgent",

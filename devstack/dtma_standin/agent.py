@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import uuid
 from collections.abc import Iterable, Mapping
@@ -23,9 +24,12 @@ from devstack.dtma_standin.engine import (
     ImageBehaviour,
 )
 from devstack.dtma_standin.heartbeat import HeartbeatScheduler, ScheduleEntry, heartbeat_url
+from devstack.dtma_standin.mcp_servers import McpHost, McpServerInfo, Wanted, check_mode
 from devstack.dtma_standin.report import heartbeat_payload
 from devstack.dtma_standin.routes import DtmaApp, ManagedInstance, RequestRecord, Route
-from devstack.dtma_standin.server import Listener
+from devstack.dtma_standin.server import Listener, Reply, Request
+
+logger = logging.getLogger(__name__)
 
 #: The DTMA's own container on a real droplet, always running and always in the heartbeat.
 SELF_CONTAINER = "dtma_manager"
@@ -114,6 +118,10 @@ class StandInAgent(StartStop):
     environment, which only ``GET /status``'s ``has*`` flags read; empty by default because
     the real agent reads its token and base URL from ``/etc/dtma.conf``.
 
+    Running containers answer MCP on their host ports (:mod:`devstack.dtma_standin.mcp_servers`
+    has the rule and the modes): ``mcp_servers=False`` serves none, ``mcp_images`` maps image names
+    to modes (``serve``, ``not-mcp``, ``hang``, ``closed``) like :meth:`set_image_mcp`.
+
     All control methods are thread-safe.
     """
 
@@ -135,6 +143,8 @@ class StandInAgent(StartStop):
         pull_stream_error_images: Iterable[str] = (),
         exit_images: Mapping[str, int] | None = None,
         process_env: Mapping[str, str] | None = None,
+        mcp_servers: bool = True,
+        mcp_images: Mapping[str, str] | None = None,
     ) -> None:
         if not token:
             raise ValueError("token must be a non-empty string (the agent refuses to start without one)")
@@ -158,7 +168,8 @@ class StandInAgent(StartStop):
             pull_delay=pull_delay,
             process_env=process_env or {},
         )
-        self._listener = Listener(host, port, self._app.handle)
+        self._mcp = McpHost(enabled=mcp_servers, image_modes=(mcp_images or {}).items())
+        self._listener = Listener(host, port, self._handle)
         self._heartbeat_url = _heartbeat_target(heartbeat_url)
         self._heartbeat_interval = heartbeat_interval
         self._send_boot_id_seq = send_boot_id_seq
@@ -192,6 +203,8 @@ class StandInAgent(StartStop):
             if ipaddress.ip_address(self._listener.bound_host).is_loopback:
                 self._app.control = ControlSurface(self).handle  # unauthenticated, so loopback only
             self._populate_engine()
+            self._mcp.start()
+            self._sync_mcp()
             if self._heartbeat_url is not None:
                 self._start_heartbeats()
         except BaseException:
@@ -211,6 +224,7 @@ class StandInAgent(StartStop):
         if self._owns_scheduler and self._scheduler is not None:
             self._scheduler.close()
         self._listener.close()
+        self._mcp.close()
 
     # -- read-only views --------------------------------------------------------------------
 
@@ -290,7 +304,24 @@ class StandInAgent(StartStop):
                     "seq": self._seq,
                 },
                 "containers": [snapshot.to_json() for snapshot in self.containers()],
+                "mcp": {
+                    "enabled": self._mcp.enabled,
+                    "image_rules": self._mcp.image_rules(),
+                    "servers": [info.to_json() for info in self._mcp.infos()],
+                },
             }
+
+    def mcp_servers(self) -> list[McpServerInfo]:
+        """The MCP server of every running container that should have one, by container name.
+
+        Also those left unserved (``serving`` false, with the ``error``: a port that could not be
+        bound, a non-loopback ``HostIp``) and those in ``closed`` mode.
+        """
+        return self._mcp.infos()
+
+    def mcp_server(self, name: str) -> McpServerInfo | None:
+        """The MCP server of container ``name``; None while it has none (not running, foreign, no port)."""
+        return self._mcp.info(name)
 
     # -- heartbeat control ------------------------------------------------------------------
 
@@ -331,6 +362,7 @@ class StandInAgent(StartStop):
             self._seq = 0
             if self._include_self and self._phase == "running":
                 self._engine.restart(SELF_CONTAINER)
+        self._sync_mcp()
         if self._scheduler is not None and self._schedule_entry is not None:
             self._scheduler.trigger(self._schedule_entry)
 
@@ -341,6 +373,7 @@ class StandInAgent(StartStop):
         """
         with self._lock:
             self._engine.crash(name, exit_code)
+        self._sync_mcp()
 
     def remove_container_out_of_band(self, name: str) -> None:
         """The container disappears from Docker behind the DTMA's back; its map entry stays.
@@ -349,6 +382,7 @@ class StandInAgent(StartStop):
         """
         with self._lock:
             self._engine.vanish(name)
+        self._sync_mcp()
 
     def add_unmanaged_container(
         self,
@@ -395,7 +429,9 @@ class StandInAgent(StartStop):
                 )
             except DockerError as error:
                 raise RuntimeError(error.message.strip()) from None
-            return ContainerSnapshot.of(container, None)
+            snapshot = ContainerSnapshot.of(container, None)
+        self._sync_mcp()
+        return snapshot
 
     def set_image_behaviour(self, image: str, *, pull: str = PULL_OK, exit_code: int | None = None) -> None:
         """Make every image ``image`` names fail its pull or exit at once; ``ok``/None drops the rule.
@@ -411,6 +447,42 @@ class StandInAgent(StartStop):
         rule = None if pull == PULL_OK and exit_code is None else ImageBehaviour(pull=pull, exit_code=exit_code)
         with self._lock:
             self._engine.set_image_rule(image, rule)
+
+    def set_image_mcp(self, image: str, mode: str | None) -> None:
+        """What containers of every image ``image`` names (no tag: all tags) serve; None drops the rule.
+
+        ``mode`` is ``serve`` (a real MCP server), ``not-mcp`` (the port answers 404 HTML),
+        ``hang`` (the port accepts requests and never answers) or ``closed`` (nothing listens).
+        Without a rule an image named ``no-mcp`` (any namespace or tag) is ``not-mcp`` and any
+        other is ``serve``. Takes effect at once, for running containers too (they restart their server).
+        """
+        self._mcp.set_image_mode(image, mode)
+        self._sync_mcp()
+
+    def set_container_mcp(self, name: str, mode: str | None) -> None:
+        """Put the MCP server of running container ``name`` in ``mode`` (see :meth:`set_image_mcp`).
+
+        Lasts until the container stops or restarts (a new process answers as its image does);
+        None ends it at once. ``set_container_mcp(name, "hang")`` or ``"closed"`` makes a running
+        server stop answering. Raises KeyError for an unknown container, ValueError for a bad mode,
+        a container that is not running or one the agent did not create (it serves no MCP), and
+        RuntimeError when the agent was built with ``mcp_servers=False``.
+        """
+        if mode is not None:
+            check_mode(mode)
+        if not self._mcp.enabled:
+            raise RuntimeError("this stand-in serves no MCP (mcp_servers=False)")
+        with self._lock:
+            container = next((c for c in self._engine.containers() if c.name == name), None)
+            if container is None:
+                raise KeyError(name)
+            if container.foreign:
+                raise ValueError(f"container {name!r} was not deployed through the agent; it serves no MCP")
+            if not container.running:
+                raise ValueError(f"container {name!r} is not running")
+            key = (container.id, container.started_ns)
+        self._mcp.set_override(key, mode)
+        self._sync_mcp()
 
     def set_pull_delay(self, seconds: float) -> None:
         """How long every later image pull takes (``standin/slow-<S>`` images excepted)."""
@@ -448,6 +520,25 @@ class StandInAgent(StartStop):
         self._listener.open()
 
     # -- internals --------------------------------------------------------------------------
+
+    def _handle(self, request: Request) -> Reply:
+        """Every request may have started or stopped a container: bring the MCP servers in line
+        before answering, so a container is reachable (or refused) by the time its client hears back."""
+        reply = self._app.handle(request)
+        self._sync_mcp()
+        return reply
+
+    def _sync_mcp(self) -> None:
+        """Serve MCP for exactly the containers that should serve it now; never raises."""
+
+        def read() -> list[Wanted]:
+            with self._lock:
+                return self._mcp.wanted(self._engine.containers()) if self._phase == "running" else []
+
+        try:
+            self._mcp.sync(read)
+        except Exception:
+            logger.exception("could not bring the stand-in's MCP servers in line with its containers")
 
     def _require_running(self) -> None:
         if self._phase != "running":

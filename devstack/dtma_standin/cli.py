@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 
 from devstack.dtma_standin.agent import StandInAgent
+from devstack.dtma_standin.mcp_servers import MODES
 
 AUTH_ENV_VAR = "DTMA_AUTH_TOKEN"
 
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pull_denied_images=args.pull_denied_image,
             pull_stream_error_images=args.stream_error_image,
             exit_images=dict(args.exit_image),
+            mcp_servers=not args.no_mcp_servers,
+            mcp_images=dict(args.mcp_image),
         ).start()
     except (ValueError, OSError) as error:
         print(f"dtma-standin: {error}", file=sys.stderr)
@@ -113,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IMAGE[=CODE]",
         help="containers of IMAGE exit at once after start with CODE (default 1); repeatable",
     )
+    parser.add_argument(
+        "--mcp-image",
+        action="append",
+        default=[],
+        type=_mcp_image,
+        metavar="IMAGE=MODE",
+        help="what running containers of IMAGE serve on their host port: serve (a real MCP server), not-mcp "
+        "(404 HTML), hang (never answers) or closed (nothing listens); repeatable",
+    )
+    parser.add_argument(
+        "--no-mcp-servers", action="store_true", help="serve nothing on the containers' host ports"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests and heartbeats")
     return parser
 
@@ -128,6 +143,13 @@ def _exit_image(text: str) -> tuple[str, int]:
     if not 0 <= exit_code <= 255:
         raise argparse.ArgumentTypeError("exit code must be 0-255")
     return image, exit_code
+
+
+def _mcp_image(text: str) -> tuple[str, str]:
+    image, _, mode = text.partition("=")
+    if not image or mode not in MODES:
+        raise argparse.ArgumentTypeError(f"expected IMAGE=MODE with MODE one of {', '.join(MODES)}")
+    return image, mode
 
 
 def _count(text: str) -> int:

@@ -12,11 +12,13 @@ POST    /_standin/restart                 the DTMA process restarts (managed map
 POST    /_standin/containers              run a container the DTMA does not manage (below)
 POST    /_standin/containers/<n>/crash    ``{"exit_code": 1}`` the container exits
 POST    /_standin/containers/<n>/remove   the container vanishes from Docker
+POST    /_standin/containers/<n>/mcp      ``{"mode": "hang"}`` its MCP server until it stops (null: as its image)
+POST    /_standin/mcp/images              ``{"image": "example/x", "mode": "not-mcp"}`` (null mode drops the rule)
 POST    /_standin/images                  ``{"image": "mcp/x", "pull": "stream-error", "exit_code": null}``
 POST    /_standin/docker                  ``{"down": true}`` Docker socket unreachable
 POST    /_standin/pull_delay              ``{"seconds": 3}`` image pulls take that long
 POST    /_standin/fail                    ``{"route": "deploy", "status": 500, "body": {...}, "times": 1}``
-GET     /_standin/state                   everything above, plus the containers
+GET     /_standin/state                   everything above, plus the containers and their MCP servers
 ======  ================================  ==========================================
 
 ``POST /_standin/containers`` takes ``{"name": str, "image": str = "busybox:latest",
@@ -25,6 +27,7 @@ GET     /_standin/state                   everything above, plus the containers
 answers ``{"ok": true, "container": {...}}`` (see :meth:`StandInAgent.add_unmanaged_container`).
 ``POST /_standin/images`` takes ``pull`` = ``ok`` | ``denied`` | ``stream-error`` (default ``ok``)
 and ``exit_code`` (default null); ``ok`` with a null exit code drops the image's rule.
+MCP modes are ``serve``, ``not-mcp``, ``hang`` and ``closed`` (see :mod:`devstack.dtma_standin.mcp_servers`).
 
 Errors: 400 for a bad body or an impossible request (crashing a container that is not
 running), 404 for an unknown container or path, 409 for ``heartbeats/send`` on an agent
@@ -82,6 +85,10 @@ class ControlSurface:
                 return _done(lambda: agent.crash_container(name, _integer(fields, "exit_code", default=1)))
             case "POST", ["containers", name, "remove"]:
                 return _done(lambda: agent.remove_container_out_of_band(name))
+            case "POST", ["containers", name, "mcp"]:
+                return _done(lambda: agent.set_container_mcp(name, _optional_string(fields, "mode")))
+            case "POST", ["mcp", "images"]:
+                return _done(lambda: agent.set_image_mcp(_string(fields, "image"), _optional_string(fields, "mode")))
             case "POST", ["docker"]:
                 return _done(lambda: agent.set_docker_down(_boolean(fields, "down")))
             case "POST", ["pull_delay"]:
@@ -160,6 +167,10 @@ def _boolean(fields: dict[str, object], key: str, default: bool | None = None) -
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false")
     return value
+
+
+def _optional_string(fields: dict[str, object], key: str) -> str | None:
+    return None if fields.get(key) is None else _string(fields, key)
 
 
 def _string(fields: dict[str, object], key: str, default: str | None = None) -> str:

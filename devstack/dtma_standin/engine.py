@@ -165,6 +165,8 @@ class Container:
     started_ns: int = 0
     finished_ns: int = 0
     published: list[PublishedPort] = field(default_factory=list)
+    #: Run on the droplet without the DTMA (:meth:`Engine.add_foreign`); such containers serve no MCP.
+    foreign: bool = False
 
     @property
     def running(self) -> bool:
@@ -333,6 +335,7 @@ class Engine:
         """
         self._images.add(normalize_image(image))
         container = self.create(name, image, env=[], port_bindings=port_bindings, command=command)
+        container.foreign = True
         if running:
             try:
                 self.start(container.name)

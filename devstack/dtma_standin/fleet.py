@@ -4,7 +4,9 @@ Each agent has its own port, token and engine, exactly like separate droplets; a
 them share one :class:`~devstack.dtma_standin.heartbeat.HeartbeatScheduler`, i.e. one
 heartbeat thread and one connection pool. Per agent the cost is one listening socket and
 one accept thread (idle in ``select`` until a connection arrives); keep an eye on the
-process's open-file limit above a few hundred agents.
+process's open-file limit above a few hundred agents. Unlike a lone :class:`StandInAgent`, fleet
+agents serve no MCP on their containers' ports unless ``mcp_servers=True`` (a server costs a thread
+per running container, and the agents' containers would compete for the same loopback ports).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class StandInFleet(StartStop):
         dtma_version: str = "0.1.0",
         unmanaged_containers: int = 0,
         include_self: bool = True,
+        mcp_servers: bool = False,
     ) -> None:
         if not 1 <= count <= MAX_AGENTS:
             raise ValueError(f"count must be between 1 and {MAX_AGENTS}")
@@ -60,6 +63,7 @@ class StandInFleet(StartStop):
                 unmanaged_containers=unmanaged_containers,
                 include_self=include_self,
                 scheduler=self._scheduler,
+                mcp_servers=mcp_servers,
             )
             for token in (tokens or [secrets.token_urlsafe(32) for _ in range(count)])
         )

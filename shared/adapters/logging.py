@@ -143,4 +143,8 @@ def setup_logging(settings: Settings) -> None:
     # httpx logs every request URL at INFO; our own lines say what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # The MCP SDK logs tracebacks quoting what a probed (untrusted) server sent; the probe reports
+    # each failure as its own sentence. Not "mcp" itself: the project's loggers share that prefix.
+    for sdk in ("mcp.client", "mcp.shared", "mcp.server"):
+        logging.getLogger(sdk).setLevel(logging.CRITICAL)
     _configured = True

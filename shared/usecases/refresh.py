@@ -4,6 +4,10 @@ At most MAX_REFRESH_TOOLBOXES toolboxes per request, concurrently, within
 DTMA_STATUS_TIMEOUT_SECONDS overall; each answer goes through the heartbeat's reconciliation
 (`cp_refresh_from_dtma`, events with source `dtma`). A toolbox that cannot be read is reported
 under `refresh`, never as a 5xx: the stored answer is still worth showing.
+
+Alongside, within the same budget, the running servers read are checked for an MCP endpoint that
+answers (shared/usecases/mcp_health.py `begin_refresh`); their answers are recorded after the
+agents' reports are applied, so a server an agent just reported stopped is not recorded as answering.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from shared.adapters.db import Database
 from shared.core import lifecycle
 from shared.core.errors import ApiError
+from shared.usecases import mcp_health
 from shared.usecases.ports import Ports
 from shared.usecases.reports import report_from_tool_status
 
@@ -47,6 +52,7 @@ def refresh(items: list[dict[str, Any]], user_id: str, ports: Ports) -> dict[str
     """Ask each toolbox's DTMA, apply what answered, and say per toolbox what happened."""
     budget = ports.settings.DTMA_STATUS_TIMEOUT_SECONDS
     boxes = _distinct_toolboxes(items)
+    checks = mcp_health.begin_refresh(items, ports, _refresh_pool)
     results: dict[str, dict[str, Any]] = {}
     futures: dict[Future[dict[str, Any]], dict[str, Any]] = {
         _refresh_pool.submit(_ask, ports.dtma, box, budget): box for box in boxes[:MAX_REFRESH_TOOLBOXES]}
@@ -61,6 +67,7 @@ def refresh(items: list[dict[str, Any]], user_id: str, ports: Ports) -> dict[str
     for box in boxes[MAX_REFRESH_TOOLBOXES:]:
         results[box["id"]] = {"ok": False, "error": f"not refreshed: at most {MAX_REFRESH_TOOLBOXES} "
                                                     "toolboxes per request; filter by toolbox_id"}
+    mcp_health.finish_refresh(checks, ports)
     return {box["id"]: results[box["id"]] for box in boxes}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.core import lifecycle
 from shared.core.config import Settings
+from shared.usecases import mcp_health
 from shared.usecases.ports import Ports
 from shared.usecases.view_models import ServerView
 
@@ -102,9 +103,10 @@ class _Truth:
     stale: bool
     health: str
     error: str | None
+    mcp: mcp_health.Assessment
 
 
-def _truth(row: dict[str, Any], settings: Settings) -> _Truth:
+def _truth(row: dict[str, Any], settings: Settings, url: str | None) -> _Truth:
     box = row["toolbox"]
     age, reached = box["heartbeat_age_seconds"], box.get("reached_age_seconds")
     window = settings.stale_after_seconds
@@ -115,7 +117,8 @@ def _truth(row: dict[str, Any], settings: Settings) -> _Truth:
                      and box["status"] in lifecycle.LIVE_TOOLBOX_STATUSES | {"unresponsive"})
     stale = heartbeats_stale and not read_recently
     if box.get("docker_error") and not stale:
-        return _Truth(lifecycle.Effective.UNKNOWN, False, "unhealthy", _docker_down(box))
+        return _Truth(lifecycle.Effective.UNKNOWN, False, "unhealthy", _docker_down(box),
+                      mcp_health.assess(row, effective="unknown", endpoint=url, settings=settings))
     effective = lifecycle.effective_status(row["status"], stale=stale)
     health = lifecycle.health(effective, age if not heartbeats_stale else None, settings.HEALTH_DEGRADED_AFTER_SECONDS)
     notes: list[str] = []
@@ -130,7 +133,19 @@ def _truth(row: dict[str, Any], settings: Settings) -> _Truth:
         notes.append(_unmanaged(row))
         if health == "healthy":
             health = "degraded"
-    return _Truth(effective, stale, health, " ".join(notes) or None)
+    # Running means answering (shared/usecases/mcp_health.py): healthy only while the MCP endpoint
+    # answers; not answering is degraded, not checked yet unknown; a server the backend cannot
+    # reach (stdio, loopback, private) keeps the health Docker's state gives it.
+    check = mcp_health.assess(row, effective=effective.value, endpoint=url, settings=settings)
+    if check.verdict == "not_ready":
+        notes.append(f"the MCP endpoint does not answer: {(check.sentence or '').rstrip('.')}.")
+        if health == "healthy":
+            health = "degraded"
+    elif check.verdict == "unchecked":
+        notes.append(f"{check.sentence}.")
+        if health == "healthy":
+            health = "unknown"
+    return _Truth(effective, stale, health, " ".join(notes) or None, check)
 
 
 def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
@@ -142,9 +157,9 @@ def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
     """
     box = row["toolbox"]
     age = box["heartbeat_age_seconds"]
-    truth = _truth(row, settings)
-    running = truth.effective is lifecycle.Effective.RUNNING
     publish, url, reachable_from = _published(row, box["public_ip_address"])
+    truth = _truth(row, settings, url)
+    running = truth.effective is lifecycle.Effective.RUNNING
     return {
         "id": row["id"],
         "name": row["name"],
@@ -164,6 +179,9 @@ def server_json(row: dict[str, Any], settings: Settings) -> ServerView:
         "transport": row["transport"],
         "image": row["image"],
         "error": truth.error,
+        "mcp": truth.mcp.block,
+        # Only answers about one server carry its tools (cp_list_mcp_servers adds them for one id).
+        "tools": truth.mcp.tools if "tools" in row else None,
         "progress": [{"at": e["at"], "from": e["from"], "to": e["to"], "message": e["message"],
                       "source": e["source"]} for e in row["events"]],
         # Since we recorded it entering `running`, the only start time we know for certain.

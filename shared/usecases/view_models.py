@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, WithJsonSchema, with_config
+from pydantic import ConfigDict, Field, GetJsonSchemaHandler, WithJsonSchema, with_config
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions before Python 3.12
 
 from shared.core import lifecycle
@@ -35,6 +37,12 @@ HEALTH = ("healthy", "degraded", "unhealthy", "unknown")
 TRANSPORTS = ("stdio", "sse", "streamable_http")
 PUBLISH = ("public", "private", "loopback")  # shared/core/models.py DeployRequest.publish
 MAX_PROGRESS = 5  # cp_list_mcp_servers keeps the last five events
+# What an MCP server's own answer may put in ours (shared/usecases/mcp_health.py cuts it to these): it is
+# the server's text, returned as JSON strings and never rendered as HTML by this service.
+MAX_TOOL_NAME = 128  # the MCP specification's limit for a tool name
+MAX_TOOL_DESCRIPTION = 1024
+MAX_SERVER_TEXT = 200  # server name, version, protocol version
+MAX_SENTENCE = 600
 
 
 def _one_of(values: Any) -> Any:
@@ -44,6 +52,28 @@ def _one_of(values: Any) -> Any:
 
 def _says(text: str) -> Any:
     return Field(description=text)
+
+
+class _Inline:
+    """Annotation: the type's schema written out in place, not as a component of its own (the document
+    names only `Server`, `ToolboxSummary` and `Progress`, devstack/openapi.py VIEW_COMPONENTS). Only the
+    document's generation runs this."""
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        def resolve(node: Any) -> Any:
+            if isinstance(node, list):
+                return [resolve(item) for item in node]
+            if not isinstance(node, dict):
+                return node
+            if "$ref" in node:
+                target = handler.resolve_ref_schema({"$ref": node["$ref"]})
+                return {**resolve(target), **{k: resolve(v) for k, v in node.items() if k != "$ref"}}
+            return {key: resolve(value) for key, value in node.items()}
+
+        return resolve(handler(schema))
+
+
+_INLINE = _Inline()
 
 
 # `from` is a Python keyword, hence the functional form.
@@ -75,6 +105,45 @@ class ToolboxSummary(TypedDict):
 
 
 @with_config(_CLOSED)
+class McpServerInfo(TypedDict):
+    """What the MCP server said it is in its `initialize` answer."""
+
+    name: Annotated[str | None, Field(max_length=MAX_SERVER_TEXT)]
+    version: Annotated[str | None, Field(max_length=MAX_SERVER_TEXT)]
+
+
+@with_config(_CLOSED)
+class McpCheck(TypedDict):
+    """Whether the server's MCP endpoint answers the MCP handshake (initialize, then tools/list)."""
+
+    ready: Annotated[bool | None, _says(
+        "true: the endpoint answered the handshake at `checked_at`, in the container's current run; false: it did "
+        "not (`error` says why; health is then `degraded`); null: not checked (`error` says why: not checked yet, "
+        "not running, stdio, or published where the backend cannot reach it).")]
+    checked_at: Annotated[Timestamp | None, _says("When that check was recorded; null when `ready` is null.")]
+    endpoint: Annotated[str | None, _says("The URL checked (or that would be).")]
+    protocol_version: Annotated[str | None, Field(max_length=MAX_SERVER_TEXT),
+                                _says("The MCP protocol version the server agreed to.")]
+    server: McpServerInfo
+    tool_count: Annotated[Count | None, _says(
+        "How many tools its tools/list offered (at most 256 are read); null unless ready.")]
+    error: Annotated[str | None, Field(max_length=MAX_SENTENCE), _says(
+        "Why it is not ready or not checked, a sentence; null when ready.")]
+
+
+@with_config(_CLOSED)
+class McpTool(TypedDict):
+    """One tool the server offers (its tools/list answer), as data: shown as text, never as HTML."""
+
+    name: Annotated[str, Field(max_length=MAX_TOOL_NAME)]
+    description: Annotated[str | None, Field(max_length=MAX_TOOL_DESCRIPTION), _says(
+        f"Cut to {MAX_TOOL_DESCRIPTION} characters.")]
+    input_schema: Annotated[dict[str, Any] | None, _says(
+        "The JSON Schema of its arguments, as the server gave it (`{\"type\": \"object\", \"x-truncated\": true}` "
+        "when it was too large to keep); null when it gave none.")]
+
+
+@with_config(_CLOSED)
 class ServerView(TypedDict):
     """One MCP server as the web app shows it."""
 
@@ -84,7 +153,10 @@ class ServerView(TypedDict):
     status: Annotated[str, _says("Stored status: " + ", ".join(s.value for s in lifecycle.Status))]
     effective_status: Annotated[str, _one_of(lifecycle.Effective), _says(
         "What to show: `unknown` whenever the toolbox is silent or not active, whatever is stored.")]
-    health: Annotated[str, _one_of(HEALTH), _says("From the reported state and the heartbeat's age.")]
+    health: Annotated[str, _one_of(HEALTH), _says(
+        "From the reported state, the heartbeat's age and whether the MCP endpoint answers (`mcp`): a running "
+        "server is `healthy` only while it does, `degraded` when it does not, `unknown` until it was checked; one "
+        "the backend cannot reach (stdio, published on loopback or a private address) from Docker's state alone.")]
     stale: Annotated[bool, _says("Nothing recent from the toolbox: its last heartbeat (and direct read) is older "
                                  "than the threshold.")]
     managed_by_agent: Annotated[bool, _says(
@@ -102,7 +174,12 @@ class ServerView(TypedDict):
     # Never null: the database requires a transport of every MCP server.
     transport: Annotated[str, _one_of(TRANSPORTS), _says("The MCP transport the server speaks.")]
     image: Annotated[str | None, _says("The Docker image reference.")]
-    error: Annotated[str | None, _says("Why it failed or why it is unknown, actionable.")]
+    error: Annotated[str | None, _says("Why it failed, why it is unknown or degraded, actionable.")]
+    mcp: Annotated[McpCheck, _INLINE, _says(
+        "Whether its MCP endpoint answers the MCP handshake, as the backend last checked it (docs/api.md).")]
+    tools: Annotated[list[McpTool] | None, _INLINE, _says(
+        "The tools of its last successful check (empty unless `mcp.ready`), on answers about one server "
+        "(mcp_status/<id>, deploy, manage); null in lists: read the server by id.")]
     progress: Annotated[list[ProgressEvent], Field(max_length=MAX_PROGRESS),
                         _says("The last events, oldest first.")]
     uptime_seconds: Annotated[Count | None, _says("Since it was recorded entering `running`; null otherwise.")]

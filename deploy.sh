@@ -17,8 +17,9 @@ Commands:
                     install the project with its dev extras into .venv, lint (ruff), check the
                     layers of shared/ (import-linter) and run the whole test suite (what CI runs)
   gcp [options]     deploy the functions (ALL_FUNCTIONS of shared/core/config.py) to Google Cloud Run
-                    functions (gen2), the Cloud Scheduler job that drives mcp_status_sweep and
-                    the Cloud Tasks queue that carries agent commands to dtma_command_worker
+                    functions (gen2), the Cloud Scheduler job that drives mcp_status_sweep,
+                    the Cloud Tasks queue that carries agent commands to dtma_command_worker and
+                    the Cloud Logging log-based metrics of agent calls and command outcomes
   help              this text
 
 gcp options (flags win over the environment):
@@ -53,6 +54,10 @@ gcp options (flags win over the environment):
   --tasks-sa EMAIL       identity of the OIDC token Cloud Tasks sends the worker
                                               [mcp-tasks-invoker@PROJECT.iam.gserviceaccount.com]
   --skip-enable-apis     do not run `gcloud services enable` (the APIs are already on)
+  --no-log-metrics       do not create or update the log-based metrics (mcp_dtma_call_latency,
+                         mcp_dtma_call_errors, mcp_command_outcomes, mcp_deploy_time_to_running;
+                         docs/deploying.md "Metrics and logs"); their LogMetric files go to
+                         build/gcp/log-metrics/, and a dry run prints each one
   --root DIR             project tree to deploy (env MCP_ROOT)                  [this checkout]
   --dry-run              print every command (`+ ` lines, shell-quoted) and run none
 
@@ -202,7 +207,7 @@ cmd_gcp() {
   while (($#)); do
     local opt=$1 val=""
     case $opt in
-      --dry-run | --no-default-secrets | --skip-enable-apis | -h | --help) shift ;;
+      --dry-run | --no-default-secrets | --skip-enable-apis | --no-log-metrics | -h | --help) shift ;;
       --*=*) val=${opt#*=}; opt=${opt%%=*}; shift ;;
       --*) (($# >= 2)) || usage_error "$opt needs a value"; val=$2; shift 2 ;;
       *) usage_error "gcp: unexpected argument '$opt'" ;;
@@ -212,6 +217,7 @@ cmd_gcp() {
       --dry-run) DRY_RUN=1 ;;
       --no-default-secrets) plan_args+=(--no-default-secrets) ;;
       --skip-enable-apis) skip_apis=1 ;;
+      --no-log-metrics) plan_args+=(--no-log-metrics) ;;
       --project) project=$val ;;
       --region) region=$val ;;
       --min-instances) min_instances=$val ;;
@@ -317,6 +323,7 @@ cmd_gcp() {
   local records rc=0
   records=$(cd "$ROOT" && "${package[@]}" --plan --format=shell --project "$project" "${plan_args[@]}") || rc=$?
   local -a entries=() names=() access=() envs=() secret_refs=() provided=() secrets=() url_refs=() order=()
+  local -a metric_names=() metric_files=() metric_descriptions=() metric_configs=()
   local -A url_placeholders=()
   local kind a b c d e f tasks=0
   while IFS=$'\x1f' read -r kind a b c d e f; do
@@ -334,6 +341,8 @@ cmd_gcp() {
         if [[ $a == "$WORKER" || -n $f ]]; then tasks=1; fi ;;
       secret) secrets+=("$a") ;;
       url) url_refs+=("$a"); url_placeholders[$a]=$b ;;   # some env holds function $a's URL as $b
+      # A log-based metric: name, the file gcloud reads, what it counts, the file's content (one line of JSON).
+      log_metric) metric_names+=("$a"); metric_files+=("$b"); metric_descriptions+=("$c"); metric_configs+=("$d") ;;
     esac
   done <<<"$records"
   if ((rc != 0)) && ! grep -q '^problem' <<<"$records"; then
@@ -368,7 +377,10 @@ cmd_gcp() {
   for entry in "${entries[@]}"; do only_args+=(--function "$entry"); done
   run "${package[@]}" --out build/gcp "${only_args[@]}"
 
-  ((skip_apis)) || run gcloud services enable "${APIS[@]}" "${g[@]}"
+  local -a apis=("${APIS[@]}")
+  # Log-based metrics are Cloud Logging's; Metrics Explorer and alerting read them through Cloud Monitoring.
+  ((${#metric_names[@]})) && apis+=(logging.googleapis.com monitoring.googleapis.com)
+  ((skip_apis)) || run gcloud services enable "${apis[@]}" "${g[@]}"
 
   local secret missing=()
   for secret in "${secrets[@]}"; do
@@ -407,6 +419,17 @@ cmd_gcp() {
     run_retrying gcloud iam service-accounts add-iam-policy-binding "$tasks_sa" \
       --member="serviceAccount:$runtime_sa" --role=roles/iam.serviceAccountUser --condition=None "${g[@]}"
   fi
+
+  # The log-based metrics, before the functions whose lines they count: a metric counts only the
+  # entries written once it exists.
+  if ((${#metric_names[@]})); then
+    note "each log-based metric below that already exists is updated instead, from the same file:" \
+      "gcloud logging metrics update NAME --config-from-file=FILE"
+  fi
+  local m
+  for m in "${!metric_names[@]}"; do
+    ensure_log_metric "${metric_names[m]}" "${metric_files[m]}" "${metric_descriptions[m]}" "${metric_configs[m]}"
+  done
 
   # The worker comes first (order): a function given its URL is deployed after it, or, when the
   # worker is not deployed in this run, after reading the URL of the one deployed before. The sweep and
@@ -494,6 +517,23 @@ function_deploy_command() {
   fi
 }
 
+# Create a log-based metric from its LogMetric file, or update it when it exists (re-running converges).
+# A dry run prints the file's content instead of writing it.
+ensure_log_metric() {
+  local name=$1 file=$2 description=$3 config=$4
+  note "log-based metric $name: $description"
+  note "$file: $config"
+  if ((!DRY_RUN)); then
+    mkdir -p -- "$(dirname -- "$file")"
+    printf '%s\n' "$config" >"$file"
+  fi
+  if exists gcloud logging metrics describe "$name" --format='value(name)' "${g[@]}"; then
+    run gcloud logging metrics update "$name" --config-from-file="$file" "${g[@]}"
+  else
+    run gcloud logging metrics create "$name" --config-from-file="$file" "${g[@]}"
+  fi
+}
+
 # Cloud Run Invoker on the worker only, for the tasks account: the tasks' OIDC token opens nothing else.
 allow_tasks_to_invoke_worker() {
   ((tasks)) || return 0
@@ -568,6 +608,11 @@ summary() {
       if [[ " ${entries[*]} " == *" $WORKER "* ]]; then worker+=" (timeout $worker_timeout)"; fi
       printf '%sCloud Tasks queue %s delivers agent commands to %s, with an OIDC token of %s.\n' \
         "$prefix" "$queue_path" "$worker" "$tasks_sa"
+    fi
+    if ((${#metric_names[@]})); then
+      local metrics
+      printf -v metrics '%s, ' "${metric_names[@]}"
+      printf '%sLog-based metrics (in Metrics Explorer as logging/user/NAME): %s.\n' "$prefix" "${metrics%, }"
     fi
     if [[ -v "urls[dtma_heartbeat_ingest]" ]]; then
       printf '%sOn every toolbox, put this line in /etc/dtma.conf, then restart dtma.service:\n' "$prefix"

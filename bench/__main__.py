@@ -1,6 +1,6 @@
 """Run every benchmark of the project, write docs/benchmarks.md, the summary and the capacity model.
 
-    PYTHONPATH=. python -m bench            # the whole set, ~8-9 min on 2 cores
+    PYTHONPATH=. python -m bench            # the whole set, ~9-10 min on 2 cores
     PYTHONPATH=. python -m bench --quick    # fewer/shorter runs, to check the harness (~4 min)
     PYTHONPATH=. python -m bench --only commands deploy   # some sections (docs are then not rewritten)
     PYTHONPATH=. python -m bench --no-readme              # rewrite docs/benchmarks.md only
@@ -13,7 +13,9 @@ Order: heartbeat (bench/heartbeat.py), deploy (bench/deploy.py), agent commands 
 (bench/commands.py), then one shared database, set of DTMA stand-ins, Cloud Tasks emulator and
 command worker for cold start (bench/coldstart.py), memory (bench/memory.py) and the served
 mcp_status (bench/status.py), then the sweep at 10,000 toolboxes / 100,000 instances
-(bench/sweep.py, run as its own process, output kept verbatim), then the load test (bench/load.py)
+(bench/sweep.py, run as its own process, output kept verbatim), then the operations report and
+retention at 10,000 toolboxes / 100,000 instances / 1,000,000 events (bench/operations.py, the same
+way, ~1 min: most of it building the history), then the load test (bench/load.py)
 when it exists and takes a duration option. Every figure is printed with its floor (the no-op
 function, bench/noop, served the same way in the same run) and the ratio; figures are medians over
 several runs; nothing here asserts a time. Load goes to 127.0.0.1 only.
@@ -39,7 +41,8 @@ from bench.common import ROOT, machine, table
 from bench.world import World
 
 DOCS = ROOT / "docs"
-SECTIONS = ("heartbeat", "deploy", "commands", "coldstart", "memory", "status", "sweep", "load")
+SECTIONS = ("heartbeat", "deploy", "commands", "coldstart", "memory", "status", "sweep", "operations", "mcp_probe",
+            "load")
 RESULTS = Path(tempfile.gettempdir()) / "mcp-bench-results.json"
 CLOUD_RUN_CONCURRENCY = 40
 CLOUD_RUN_TARGET_CPU = 0.6  # Cloud Run scales out before an instance's CPU passes ~60%
@@ -71,6 +74,43 @@ def run_sweep(quick: bool) -> dict[str, Any]:
     if seeded:
         figures["seeded"] = seeded.groups()
     return {"command": "python -m bench.sweep " + " ".join(args), "output": out, "figures": figures}
+
+
+def run_operations(quick: bool) -> dict[str, Any]:
+    args = ["--runs", "11"] if quick else ["--runs", "21"]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bench.operations", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = done.stdout + (f"\n[stderr]\n{done.stderr[-2000:]}" if done.returncode else "")
+    figures: dict[str, Any] = {"returncode": done.returncode, "elapsed_s": time.perf_counter() - started}
+    for key, pattern in (("floor_ms", r"select 1 .*\n\s+median\s+([\d.]+) ms"),
+                         ("report_ms", r"select public\.cp_operations_report\(.*\n\s+median\s+([\d.]+) ms"),
+                         ("cpu_ms", r"database CPU per report ([\d.]+) ms"),
+                         ("app_ms", r"PostgresDatabase\.call\('cp_operations_report'.*\n\s+median\s+([\d.]+) ms"),
+                         ("prune_ms", r"select public\.cp_prune_history\(.*\n\s+median\s+([\d.]+) ms")):
+        found = re.search(pattern, out)
+        if found:
+            figures[key] = float(found.group(1))
+    seeded = re.search(r"seeded ([\d,]+) toolboxes, ([\d,]+) instances, ([\d,]+) events, ([\d,]+) commands", out)
+    if seeded:
+        figures["seeded"] = seeded.groups()
+    return {"command": "python -m bench.operations " + " ".join(args), "output": out, "figures": figures}
+
+
+def run_mcp_probe(quick: bool) -> dict[str, Any]:
+    """bench/mcp_probe.py in its own process (it serves a real MCP server), output kept verbatim."""
+    args = ["--servers", "300", "--probes", "50"] if quick else ["--servers", "1000", "--probes", "100"]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bench.mcp_probe", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = done.stdout + (f"\n[stderr]\n{done.stderr[-2000:]}" if done.returncode else "")
+    figures: dict[str, Any] = {"returncode": done.returncode, "elapsed_s": time.perf_counter() - started}
+    for key, pattern in (("floor_ms", r"floor: .* median ([\d.]+) ms"), ("probe_ms", r"probe: wall median ([\d.]+) ms"),
+                         ("batch_s", r"that batch takes ([\d.]+) s")):
+        found = re.search(pattern, out)
+        if found:
+            figures[key] = float(found.group(1))
+    return {"command": "python -m bench.mcp_probe " + " ".join(args), "output": out, "figures": figures}
 
 
 def run_load_test(quick: bool) -> dict[str, Any]:
@@ -138,6 +178,12 @@ def main() -> None:
     if "sweep" in only:
         print("== sweep (bench/sweep.py)", flush=True)
         results["sweep"] = run_sweep(quick)
+    if "operations" in only:
+        print("== operations report and retention (bench/operations.py)", flush=True)
+        results["operations"] = run_operations(quick)
+    if "mcp_probe" in only:
+        print("== MCP probe cost and a sweep's probing (bench/mcp_probe.py)", flush=True)
+        results["mcp_probe"] = run_mcp_probe(quick)
     if "load" in only:
         print("== load (bench/load.py)", flush=True)
         results["load"] = run_load_test(quick)
@@ -193,6 +239,8 @@ def render_benchmarks(r: dict[str, Any]) -> str:
     lines += _memory_section(mem)
     lines += _status_section(st)
     lines += _sweep_section(sw)
+    if "operations" in r:
+        lines += _operations_section(r["operations"])
     lines += _load_section(r.get("load", {}))
     return "\n".join(lines) + "\n"
 
@@ -221,6 +269,11 @@ def _summary_table(r: dict[str, Any]) -> list[str]:
         ["sweep changing 10% of 10k toolboxes / 100k instances", f"{sw.get('changing_all_ms', float('nan')):.0f} ms",
          f"no-change sweep {sw.get('noop_ms', float('nan')):.1f} ms", "-", "< 1 s",
          "met" if sw.get("changing_all_ms", 1e9) < 1000 else "**not met**"],
+        *([["operations report, last 24 h, 10k toolboxes / 100k instances / 1M events",
+             f"{r['operations']['figures']['report_ms']:.1f} ms",
+             f"`select 1` {r['operations']['figures'].get('floor_ms', float('nan')):.2f} ms", "-", "< 50 ms",
+             "met" if r["operations"]["figures"]["report_ms"] < 50 else "**not met**"]]
+           if "report_ms" in r.get("operations", {}).get("figures", {}) else []),
         ["cold start, slowest function", f"{cs[worst_cold[1]]['cold_ms']:.0f} ms ({worst_cold[1]})",
          f"no-op {cs['noop']['cold_ms']:.0f} ms", f"{worst_cold[0]:.2f}x", "<= 1.5x",
          "met" if worst_cold[0] <= 1.5 else "**not met** (see Cold start)"],
@@ -513,6 +566,27 @@ def _sweep_section(sw: dict[str, Any]) -> list[str]:
         lines += [table(["what", "median", "target"], rows), ""]
     lines += ["<details><summary>bench/sweep.py output (plans included)</summary>", "", "```", sw["output"].rstrip(),
               "```", "", "</details>", ""]
+    return lines
+
+
+def _operations_section(op: dict[str, Any]) -> list[str]:
+    f = op["figures"]
+    lines = ["## Operations report and retention at 10,000 toolboxes / 100,000 instances / 1,000,000 events "
+             "(`bench/operations.py`)", "",
+             f"Command: `{op['command']}` (written separately; its output follows verbatim).", ""]
+    if "report_ms" in f:
+        rows = [["cp_operations_report, last 24 h in hourly buckets (one connection)", f"{f['report_ms']:.1f} ms",
+                 f"`select 1` {f.get('floor_ms', float('nan')):.2f} ms", "< 50 ms",
+                 "met" if f["report_ms"] < 50 else "**not met**"],
+                ["its database CPU time per report (contention-free cost)", f"{f.get('cpu_ms', float('nan')):.1f} ms",
+                 "-", "-", "-"],
+                ["the same through PostgresDatabase.call (JSON decoded)", f"{f.get('app_ms', float('nan')):.1f} ms",
+                 "-", "-", "-"],
+                ["one retention batch (cp_prune_history, 5,000 of each kind)",
+                 f"{f.get('prune_ms', float('nan')):.1f} ms", "-", "-", "-"]]
+        lines += [table(["what", "median", "floor", "target", "verdict"], rows), ""]
+    lines += ["<details><summary>bench/operations.py output (plan included)</summary>", "", "```",
+              op["output"].rstrip(), "```", "", "</details>", ""]
     return lines
 
 

@@ -785,6 +785,7 @@ def _run_demo(stack: Stack, stop: StopSignal) -> bool:
         toolbox_id=stack.env["DEMO_TOOLBOX_ID"],
         spec=stack.openapi(),
         pull_delay=stack.options.pull_delay,
+        database_url=stack.env.get("DATABASE_URL"),
     )
     return demo.run(config, stack.out, stop.event)
 

@@ -4,7 +4,7 @@
     python -m ops.gcp_package --plan --project P [--env-file FILE] [--secret ENV=SECRET[:VERSION]]...
                               [--no-default-secrets] [--function NAME]... [--format json|shell]
                               [--deploy-env KEY=VALUE]... [--deploy-env-url KEY=FUNCTION]...
-                              [--worker-timeout SECONDS]
+                              [--worker-timeout SECONDS] [--no-log-metrics]
 
 Build: `<out>/<entry_point>/` gets `main.py` (from `functions/<entry_point>/main.py`), a copy of the
 `shared/` package, and a `requirements.txt` pinning pyproject's `[project].dependencies` and their
@@ -21,6 +21,11 @@ Tasks queue, the invoker account, TASKS_MODE) are routed by `used_by` like the o
 whose value is another function's URL (`--deploy-env-url COMMAND_WORKER_URL=dtma_command_worker`)
 is written as the placeholder `${DTMA_COMMAND_WORKER_URL}`, which deploy.sh replaces once that
 function is deployed, and the functions whose URL others need come first in the plan.
+
+The plan also holds the Cloud Logging log-based metrics deploy.sh creates (or updates): each one's
+LogMetric definition (the body `gcloud logging metrics create NAME --config-from-file=FILE` reads),
+counting the structured `dtma_call` and `command_outcome` lines of every function in `ALL_FUNCTIONS`
+(docs/deploying.md, "Metrics and logs"). `--no-log-metrics` leaves them out.
 
 The tree is `--root`, else $MCP_ROOT, else this file's repository. Exit status 2: refused (the
 message says why).
@@ -87,6 +92,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PLACEHOLDER_SECRET = "resolved-from-secret-manager"  # noqa: S105 - stands in for a mapped secret
 DISPATCH_DEADLINE = "COMMAND_DISPATCH_DEADLINE_SECONDS"  # how long Cloud Tasks waits for the worker
+LOG_METRICS_DIR = "build/gcp/log-metrics"  # where deploy.sh writes each metric's --config-from-file
 
 
 class PackagingError(Exception):
@@ -186,6 +192,7 @@ class Plan:
     urls: list[str] = field(default_factory=list)  # functions whose URL placeholder some `env` holds
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    log_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> LogMetric body
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -193,6 +200,7 @@ class Plan:
                            "secrets": f.secrets, "env_vars_flag": f.env_vars_flag,
                            "secrets_flag": f.secrets_flag, "provided": f.provided} for f in self.functions],
             "secrets": self.secrets, "urls": self.urls, "problems": self.problems, "warnings": self.warnings,
+            "log_metrics": self.log_metrics,
         }
 
     def as_records(self) -> str:
@@ -202,7 +210,78 @@ class Plan:
                   f.secrets_flag, ",".join(f.provided)) for f in self.functions]
         rows += [("secret", s) for s in self.secrets]
         rows += [("url", u, url_placeholder(u)) for u in self.urls]
+        # One line of JSON each: the file deploy.sh writes, then shows (dry run) or hands to gcloud.
+        rows += [("log_metric", name, f"{LOG_METRICS_DIR}/{name}.json", body["description"],
+                  json.dumps(body, sort_keys=True)) for name, body in self.log_metrics.items()]
         return "".join("\x1f".join(row) + "\n" for row in rows)
+
+
+# --- log-based metrics ----------------------------------------------------------------------------
+# The structured lines they count (shared/adapters/dtma.py `_observe`, shared/usecases/commands.py
+# `_log_outcome`): jsonPayload.event, and the fields each metric extracts.
+DTMA_CALL, COMMAND_OUTCOME = "dtma_call", "command_outcome"
+# Milliseconds, exponential buckets: 5 ms x 2^k up to ~87 min for an agent call (a pull of minutes,
+# within the worker's 3600 s limit); 100 ms x 2^k up to ~3.6 h for a deploy, queueing and retries included.
+CALL_BUCKETS = {"exponentialBuckets": {"numFiniteBuckets": 20, "growthFactor": 2, "scale": 5}}
+DEPLOY_BUCKETS = {"exponentialBuckets": {"numFiniteBuckets": 17, "growthFactor": 2, "scale": 100}}
+_LABELS = {
+    "operation": "the DTMA route called: deploy (POST /tools), start, stop, delete, tools_status (GET /tools/status)",
+    "result": "how it ended (calls: ok, rejected, unreachable, timeout, bad_response; commands: succeeded, "
+              "failed, pending)",
+    "action": "the command: deploy, start, stop, restart or remove",
+    "code": "the outcome's code (created, done, removed, or the error code docs/operations.md lists)",
+}
+
+
+def log_filter(functions: Iterable[str], *terms: str) -> str:
+    """Entries of this project's Cloud Run functions (gen2 functions log as their Cloud Run service)
+    matching `terms`."""
+    services = " OR ".join(f'"{function_name(f)}"' for f in functions)
+    return " AND ".join(('resource.type="cloud_run_revision"', f"resource.labels.service_name=({services})",
+                         *terms))
+
+
+def _log_metric(description: str, filter_: str, labels: Sequence[str], *, unit: str = "1",
+                distribution_of: str | None = None, buckets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A LogMetric (https://cloud.google.com/logging/docs/reference/v2/rest/v2/projects.metrics): a DELTA
+    counter of matching entries, or a DELTA distribution of a numeric field of theirs."""
+    descriptor: dict[str, Any] = {"metricKind": "DELTA", "valueType": "DISTRIBUTION" if distribution_of else "INT64",
+                                  "unit": unit}
+    body: dict[str, Any] = {"description": description, "filter": filter_, "metricDescriptor": descriptor}
+    if labels:
+        body["labelExtractors"] = {label: f"EXTRACT(jsonPayload.{label})" for label in labels}
+        descriptor["labels"] = [{"key": label, "valueType": "STRING", "description": _LABELS[label]}
+                                for label in labels]
+    if distribution_of:
+        body["valueExtractor"] = f"EXTRACT(jsonPayload.{distribution_of})"
+        body["bucketOptions"] = buckets
+    return body
+
+
+def log_metrics(functions: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The log-based metrics of the project, by name; `functions`: every entry point (not only those a
+    run deploys: a metric counts the lines of all of them)."""
+    functions = list(functions)
+    call = f'jsonPayload.event="{DTMA_CALL}"'
+    outcome = f'jsonPayload.event="{COMMAND_OUTCOME}"'
+    return {
+        "mcp_dtma_call_latency": _log_metric(
+            "Duration of each call the control plane makes to a toolbox's DTMA agent (ms), by operation and "
+            "result.", log_filter(functions, call), ["operation", "result"], unit="ms",
+            distribution_of="duration_ms", buckets=CALL_BUCKETS),
+        "mcp_dtma_call_errors": _log_metric(
+            "Calls to a toolbox's DTMA agent that did not end ok (rejected, unreachable, timeout, bad_response), "
+            "by operation and result.", log_filter(functions, call, 'NOT jsonPayload.result="ok"'),
+            ["operation", "result"]),
+        "mcp_command_outcomes": _log_metric(
+            "Agent commands finished by dtma_command_worker, by action, outcome code and result.",
+            log_filter(functions, outcome), ["action", "code", "result"]),
+        "mcp_deploy_time_to_running": _log_metric(
+            "Time from a deploy's request to its server running (ms): the command recorded, queued, run and "
+            "answered by the agent.",
+            log_filter(functions, outcome, 'jsonPayload.action="deploy"', 'jsonPayload.result="succeeded"'),
+            [], unit="ms", distribution_of="duration_ms", buckets=DEPLOY_BUCKETS),
+    }
 
 
 def dict_flag(values: dict[str, str]) -> str:
@@ -328,9 +407,11 @@ def parse_deploy_env(catalog: Catalog, values: Iterable[str], urls: Iterable[str
 def build_plan(root: Path, project: str = "", env_file: Path | None = None, secret_flags: Iterable[str] = (),
                default_secrets: bool = True, functions: Sequence[str] | None = None,
                deploy_env: Iterable[str] = (), deploy_env_urls: Iterable[str] = (),
-               worker_timeout: int | None = None) -> Plan:
+               worker_timeout: int | None = None, with_log_metrics: bool = True) -> Plan:
     catalog = load_catalog(root)
     plan = Plan()
+    if with_log_metrics:
+        plan.log_metrics = log_metrics(catalog.functions)
     entries, plan.problems = select_functions(catalog, functions)
     plain, problems = parse_env_file(env_file) if env_file else ({}, [])
     plan.problems += problems
@@ -546,12 +627,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="(plan) a setting whose value is FUNCTION's URL, filled in by deploy.sh")
     parser.add_argument("--worker-timeout", type=int, metavar="SECONDS",
                         help=f"(plan) the command worker's timeout; {DISPATCH_DEADLINE} must not exceed it")
+    parser.add_argument("--no-log-metrics", action="store_true",
+                        help="(plan) leave out the Cloud Logging log-based metrics")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     try:
         if args.plan:
             plan = build_plan(root, args.project, args.env_file, args.secret, not args.no_default_secrets,
-                              args.function, args.deploy_env, args.deploy_env_url, args.worker_timeout)
+                              args.function, args.deploy_env, args.deploy_env_url, args.worker_timeout,
+                              not args.no_log_metrics)
             if args.format == "shell":
                 sys.stdout.write(plan.as_records())
             else:

@@ -55,6 +55,9 @@ INVOKER_ENV = {
     "WORKER_INVOKER_SA": TASKS_SA,
     "WORKER_INVOKER_AUDIENCE": "${DTMA_COMMAND_WORKER_URL}",
 }
+# The log-based metrics (ops/gcp_package.py log_metrics), in the order they are created.
+LOG_METRICS = ("mcp_dtma_call_latency", "mcp_dtma_call_errors", "mcp_command_outcomes", "mcp_deploy_time_to_running")
+METRICS_DIR = "build/gcp/log-metrics"
 QUEUE_SETTINGS = ["--max-attempts=20", "--min-backoff=1s", "--max-backoff=60s", "--max-doublings=5",
                   "--max-dispatches-per-second=20", "--max-concurrent-dispatches=50"]
 DEFAULT_SECRETS = {
@@ -186,6 +189,21 @@ def tasks_commands(region: str = "us-central1", queue: str = QUEUE, tasks_sa: st
         ["gcloud", "iam", "service-accounts", "add-iam-policy-binding", tasks_sa,
          f"--member=serviceAccount:{runtime_sa}", "--role=roles/iam.serviceAccountUser", "--condition=None", *g],
     ]
+
+
+def log_metric_commands(exists: bool = False) -> list[list[str]]:
+    """Each metric's commands, in order: describe, then create (or update) from its file."""
+    g = [f"--project={PROJECT}", "--quiet"]
+    return [c for name in LOG_METRICS for c in (
+        ["gcloud", "logging", "metrics", "describe", name, "--format=value(name)", *g],
+        ["gcloud", "logging", "metrics", "update" if exists else "create", name,
+         f"--config-from-file={METRICS_DIR}/{name}.json", *g])]
+
+
+def metric_files(stdout: str) -> dict[str, dict]:
+    """The LogMetric files a dry run shows (`# build/gcp/log-metrics/NAME.json: {...}`), by metric name."""
+    shown = re.findall(rf"^# {METRICS_DIR}/([a-z_]+)\.json: (\{{.*\}})$", stdout, re.M)
+    return {name: json.loads(body) for name, body in shown}
 
 
 def worker_invoker(region: str = "us-central1", tasks_sa: str = TASKS_SA) -> list[str]:
@@ -425,6 +443,128 @@ def test_a_queue_that_exists_is_updated(tree: Path, env_file: Path, log: Path, t
     assert not [c for c in calls if c[1:4] == ["tasks", "queues", "create"]]
 
 
+# --- log-based metrics ---------------------------------------------------------------------------
+
+def test_dry_run_shows_each_log_metric_and_its_definition(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file, "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    commands = planned(result.stdout)
+    assert [c for c in commands if c[:3] == ["gcloud", "logging", "metrics"]] == log_metric_commands()
+    # Before the first function is deployed: a metric counts only the lines written once it exists.
+    last_metric = max(i for i, c in enumerate(commands) if c[:3] == ["gcloud", "logging", "metrics"])
+    assert last_metric < position(commands, ["gcloud", "functions", "deploy"])
+    [enable] = [c for c in commands if c[:3] == ["gcloud", "services", "enable"]]
+    assert {"logging.googleapis.com", "monitoring.googleapis.com"} <= set(enable)
+    assert "# each log-based metric below that already exists is updated instead, from the same file: gcloud " \
+           "logging metrics update NAME --config-from-file=FILE" in result.stdout
+
+    # Each file's content, as the dry run shows it: the LogMetric gcloud is given.
+    files = metric_files(result.stdout)
+    assert list(files) == list(LOG_METRICS)
+    services = " OR ".join(f'"{kebab(e)}"' for e in FUNCTIONS)  # every function, whatever this run deploys
+    scope = f'resource.type="cloud_run_revision" AND resource.labels.service_name=({services})'
+    call, outcome = 'jsonPayload.event="dtma_call"', 'jsonPayload.event="command_outcome"'
+
+    def kind(metric: dict) -> tuple[str, str, str]:
+        descriptor = metric["metricDescriptor"]
+        return descriptor["metricKind"], descriptor["valueType"], descriptor["unit"]
+
+    def labels(metric: dict) -> dict[str, str]:
+        extractors = metric.get("labelExtractors", {})
+        declared = {label["key"]: label["valueType"] for label in metric["metricDescriptor"].get("labels", [])}
+        assert set(extractors) == set(declared), "every label needs an extractor"
+        assert all(v == "STRING" for v in declared.values())
+        return extractors
+
+    latency = files["mcp_dtma_call_latency"]
+    assert latency["filter"] == f"{scope} AND {call}"
+    assert kind(latency) == ("DELTA", "DISTRIBUTION", "ms")
+    assert latency["valueExtractor"] == "EXTRACT(jsonPayload.duration_ms)"
+    assert labels(latency) == {"operation": "EXTRACT(jsonPayload.operation)", "result": "EXTRACT(jsonPayload.result)"}
+    buckets = latency["bucketOptions"]["exponentialBuckets"]
+    assert buckets["growthFactor"] > 1 and buckets["scale"] > 0
+    assert buckets["scale"] * buckets["growthFactor"] ** buckets["numFiniteBuckets"] >= 3600_000  # longest call
+
+    errors = files["mcp_dtma_call_errors"]
+    assert errors["filter"] == f'{scope} AND {call} AND NOT jsonPayload.result="ok"'
+    assert kind(errors) == ("DELTA", "INT64", "1")
+    assert "valueExtractor" not in errors and "bucketOptions" not in errors
+    assert labels(errors) == labels(latency)
+
+    outcomes = files["mcp_command_outcomes"]
+    assert outcomes["filter"] == f"{scope} AND {outcome}"
+    assert kind(outcomes) == ("DELTA", "INT64", "1")
+    assert labels(outcomes) == {k: f"EXTRACT(jsonPayload.{k})" for k in ("action", "code", "result")}
+
+    to_running = files["mcp_deploy_time_to_running"]
+    assert to_running["filter"] == (f'{scope} AND {outcome} AND jsonPayload.action="deploy" '
+                                    'AND jsonPayload.result="succeeded"')
+    assert kind(to_running) == ("DELTA", "DISTRIBUTION", "ms")
+    assert to_running["valueExtractor"] == "EXTRACT(jsonPayload.duration_ms)" and labels(to_running) == {}
+    assert to_running["bucketOptions"]["exponentialBuckets"]["scale"] >= buckets["scale"]
+
+    for name, body in files.items():
+        assert set(body) <= {"description", "filter", "metricDescriptor", "labelExtractors", "valueExtractor",
+                             "bucketOptions"}, name
+        assert f"# log-based metric {name}: {body['description']}" in result.stdout
+    assert f"# Log-based metrics (in Metrics Explorer as logging/user/NAME): {', '.join(LOG_METRICS)}." \
+        in result.stdout
+
+    # A run of one function (re)configures the same metrics: they count every function's lines.
+    only = deploy(tree, log, *complete_args(env_file, "--only", "mcp_status", "--dry-run"))
+    assert only.returncode == 0, only.stderr
+    assert metric_files(only.stdout) == files
+    assert [c for c in planned(only.stdout) if c[:3] == ["gcloud", "logging", "metrics"]] == log_metric_commands()
+    assert not log.exists()
+
+
+def test_log_metrics_are_created_then_updated(tree: Path, env_file: Path, log: Path, tmp_path: Path) -> None:
+    dry = deploy(tree, tmp_path / "unused.log", *complete_args(env_file, "--dry-run"))
+    first = deploy(tree, log, *complete_args(env_file))
+    assert first.returncode == 0, first.stderr
+    assert [c for c in logged(log) if c[1:3] == ["logging", "metrics"]] == log_metric_commands()
+    state = tmp_path / "gcloud-state"
+    for name, body in metric_files(dry.stdout).items():
+        assert json.loads((tree / METRICS_DIR / f"{name}.json").read_text()) == body  # the file written...
+        assert json.loads((state / f"metric-{name}").read_text()) == body  # ...is what gcloud was given
+    assert f"Log-based metrics (in Metrics Explorer as logging/user/NAME): {', '.join(LOG_METRICS)}." in first.stdout
+
+    log.write_text("")
+    second = deploy(tree, log, *complete_args(env_file))  # the stand-in now knows them: updated, not created again
+    assert second.returncode == 0, second.stderr
+    assert [c for c in logged(log) if c[1:3] == ["logging", "metrics"]] == log_metric_commands(exists=True)
+
+
+def test_a_metric_that_cannot_be_created_stops_the_run_before_any_deploy(tree: Path, env_file: Path,
+                                                                         log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file), GCLOUD_FAIL="logging metrics create mcp_command_outcomes")
+    assert result.returncode != 0
+    assert [c[4] for c in logged(log) if c[1:4] == ["logging", "metrics", "create"]] == list(LOG_METRICS[:3])
+    assert not [c for c in logged(log) if c[1:3] == ["functions", "deploy"]]
+
+
+def test_no_log_metrics(tree: Path, env_file: Path, log: Path) -> None:
+    result = deploy(tree, log, *complete_args(env_file, "--no-log-metrics", "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    commands = planned(result.stdout)
+    assert not [c for c in commands if c[1] == "logging"]
+    [enable] = [c for c in commands if c[:3] == ["gcloud", "services", "enable"]]
+    assert "logging.googleapis.com" not in enable and "monitoring.googleapis.com" not in enable
+    assert "log-metrics" not in result.stdout and "Log-based" not in result.stdout
+    assert list(deploys(commands)) == [kebab(e) for e in DEPLOY_ORDER]
+
+
+def test_plan_holds_the_log_metrics(tree: Path) -> None:
+    def plan(*args: str) -> dict:
+        result = package(tree, "--plan", "--project", PROJECT, "--secret", "DTMA_KEY_SECRET=k", *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert list(plan()["log_metrics"]) == list(LOG_METRICS)
+    assert plan("--function", "mcp_status")["log_metrics"] == plan()["log_metrics"]
+    assert plan("--no-log-metrics")["log_metrics"] == {}
+
+
 def test_flags_override_defaults(tree: Path, env_file: Path, log: Path) -> None:
     result = deploy(tree, log, *complete_args(
         env_file, "--region=europe-west1", "--memory", "512Mi", "--min-instances=1", "--max-instances=3",
@@ -572,13 +712,15 @@ def test_run_then_rerun_records_the_gcloud_sequence(tree: Path, env_file: Path, 
         return [
             ["gcloud", "services", "enable", "cloudfunctions.googleapis.com", "run.googleapis.com",
              "cloudbuild.googleapis.com", "artifactregistry.googleapis.com", "cloudscheduler.googleapis.com",
-             "cloudtasks.googleapis.com", "secretmanager.googleapis.com", "iam.googleapis.com", *g],
+             "cloudtasks.googleapis.com", "secretmanager.googleapis.com", "iam.googleapis.com",
+             "logging.googleapis.com", "monitoring.googleapis.com", *g],
             *[["gcloud", "secrets", "describe", s, "--format=value(name)", *g] for s in secrets],
             *account(RUNTIME_SA, "MCP control plane functions (runtime)"),
             *[["gcloud", "secrets", "add-iam-policy-binding", s, f"--member=serviceAccount:{RUNTIME_SA}",
                "--role=roles/secretmanager.secretAccessor", "--condition=None", *g] for s in secrets],
             *account(TASKS_SA, "MCP agent commands invoker (Cloud Tasks OIDC)"),
             *tasks_commands(exists=not first),
+            *log_metric_commands(exists=not first),
             *[c for e in DEPLOY_ORDER for c in deployed_then_url(e)],
             *account(SCHEDULER_SA, "MCP status sweep invoker (Cloud Scheduler OIDC)"),
             ["gcloud", "functions", "add-invoker-policy-binding", "mcp-status-sweep", "--region=us-central1",

@@ -14,12 +14,26 @@ Where the key goes is decided here and nowhere else: the address comes from the 
 (which owners cannot edit), loopback/private/link-local addresses are refused unless local
 development allows them, proxies from the environment are ignored (`trust_env=False`), and
 redirects are not followed, so the backend key is only ever sent to the toolbox's own DTMA.
+
+Every call is measured and exported (docs/deploying.md, "Metrics and logs"): one structured log
+line per call, `{"event": "dtma_call", "operation", "toolbox_id", "duration_ms", "result",
+"http_status"}` (plus the fields of the `recording()` it runs in, such as `command_id`), which the
+log-based metrics `deploy.sh gcp` creates count; and, inside `recording()`, one `{op, ms, result,
+status}` entry in the list the command worker stores in its outcome record (`agent_calls`). Status
+reads are logged at INFO like the rest: they are made only by commands and by a user's refresh
+(never on a timer), so they are few, and a DEBUG line would be missing from the metrics. A call
+that fails is logged at WARNING. Neither the key nor any body (which can hold env values) is ever
+part of a line: only the operation, the toolbox and the outcome.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -57,11 +71,60 @@ class DtmaRejected(DtmaError):
 
 
 class DtmaBadResponse(DtmaError):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the 2xx whose body was not usable
 
 
 class AddressRefused(DtmaError):
     """The toolbox's address is one the backend must not send its key to."""
+
+
+# --- measuring ---------------------------------------------------------------------------------
+# Operations: the agent's routes, named as DTMA names them (docs/real-agent.md).
+DEPLOY, START, STOP, DELETE, TOOLS_STATUS = "deploy", "start", "stop", "delete", "tools_status"
+OPERATIONS = (DEPLOY, START, STOP, DELETE, TOOLS_STATUS)
+# What a call came to: `ok`, or the failure class it raised.
+OK = "ok"
+RESULTS = {DtmaRejected: "rejected", DtmaUnreachable: "unreachable", DtmaTimeout: "timeout",
+           DtmaBadResponse: "bad_response"}
+# An exception that is no DTMA failure (a bug here): logged, and it ends the command without an outcome.
+UNEXPECTED = "error"
+
+
+@dataclass
+class Recording:
+    """The calls made within one `recording()` block, in order, as the outcome record stores them."""
+
+    calls: list[dict[str, Any]]
+    fields: dict[str, Any]
+
+
+_recording: contextvars.ContextVar[Recording | None] = contextvars.ContextVar("dtma_recording", default=None)
+
+
+@contextmanager
+def recording(into: list[dict[str, Any]] | None = None, **fields: Any) -> Iterator[list[dict[str, Any]]]:
+    """Append every DTMA call made in this block (by this thread or task) to `into` (a new list if
+    None), as `{"op", "ms", "result", "status"}`; `fields` (e.g. `command_id`) go on each call's log line."""
+    current = Recording(into if into is not None else [], dict(fields))
+    token = _recording.set(current)
+    try:
+        yield current.calls
+    finally:
+        _recording.reset(token)
+
+
+def _observe(target: Target, operation: str, started: float, result: str, status: int | None) -> None:
+    ms = round((time.perf_counter() - started) * 1000, 1)
+    current = _recording.get()
+    if current is not None:
+        current.calls.append({"op": operation, "ms": ms, "result": result, "status": status})
+    fields = {"event": "dtma_call", "operation": operation, "toolbox_id": target.toolbox_id, "duration_ms": ms,
+              "result": result, "http_status": status, **(current.fields if current else {})}
+    log.log(logging.INFO if result == OK else logging.WARNING, "dtma %s on toolbox %s: %s%s in %.1f ms",
+            operation, target.toolbox_id, result, f" ({status})" if status is not None else "", ms,
+            extra={"json_fields": fields})
 
 
 @dataclass(frozen=True)
@@ -145,7 +208,8 @@ class DtmaClient:
         return Target(str(toolbox["id"]), str(address), port, key)
 
     def _request(self, target: Target, method: str, path: str, budget: float,
-                 body: dict[str, Any] | None = None) -> Any:
+                 body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """(HTTP status, JSON body) of a 2xx; every other outcome raises its DtmaError."""
         timeout = httpx.Timeout(budget, connect=min(self.connect_timeout, budget))
         headers = {"Authorization": f"Bearer {target.key}"}
         for attempt in (1, 2):
@@ -165,37 +229,59 @@ class DtmaClient:
         if response.status_code >= 300:
             raise DtmaRejected(response.status_code, agent_message(response), target.where)
         try:
-            return response.json()
+            return response.status_code, response.json()
         except ValueError:
             raise DtmaBadResponse(f"the toolbox agent at {target.where} answered {response.status_code} "
-                                  "with a body that is not JSON") from None
+                                  "with a body that is not JSON", response.status_code) from None
+
+    def _call(self, target: Target, operation: str, method: str, path: str, budget: float,
+              body: dict[str, Any] | None = None, check: Callable[[Any], str | None] | None = None) -> Any:
+        """One measured call: `_request`, then `check` (the answer's shape: None, or what is wrong with it).
+        Its log line and recorded entry are written however it ends."""
+        started = time.perf_counter()
+        result, status = UNEXPECTED, None  # what an exception that is no DtmaError leaves
+        try:
+            status, answer = self._request(target, method, path, budget, body)
+            problem = check(answer) if check else None
+            if problem:
+                raise DtmaBadResponse(f"the toolbox agent at {target.where} {problem}", status)
+            result = OK
+            return answer
+        except DtmaError as exc:
+            result = next((name for kind, name in RESULTS.items() if isinstance(exc, kind)), UNEXPECTED)
+            status = getattr(exc, "status", None)
+            raise
+        finally:
+            _observe(target, operation, started, result, status)
 
     def deploy(self, target: Target, body: dict[str, Any], budget: float) -> dict[str, Any]:
         """`POST /tools`: pull, create and start (synchronous on the agent)."""
-        answer = self._request(target, "POST", "/tools", budget, body)
         # The agent always sends Docker's inspect `State` (docs/real-agent.md); without it the answer
         # says nothing about the container, which must not read as "it exited".
-        if not isinstance(answer, dict) or not isinstance(answer.get("data"), dict) \
-                or not isinstance(answer["data"].get("state"), dict):
-            raise DtmaBadResponse(f"the toolbox agent at {target.where} answered the deploy without the "
-                                  "container's details")
+        def check(answer: Any) -> str | None:
+            if not isinstance(answer, dict) or not isinstance(answer.get("data"), dict) \
+                    or not isinstance(answer["data"].get("state"), dict):
+                return "answered the deploy without the container's details"
+            return None
+        answer: dict[str, Any] = self._call(target, DEPLOY, "POST", "/tools", budget, body, check)
         return answer
 
     def start(self, target: Target, name: str, budget: float) -> Any:
-        return self._request(target, "POST", f"/tools/{quote(name, safe='')}/start", budget)
+        return self._call(target, START, "POST", f"/tools/{quote(name, safe='')}/start", budget)
 
     def stop(self, target: Target, name: str, budget: float) -> Any:
-        return self._request(target, "POST", f"/tools/{quote(name, safe='')}/stop", budget)
+        return self._call(target, STOP, "POST", f"/tools/{quote(name, safe='')}/stop", budget)
 
     def remove(self, target: Target, name: str, budget: float) -> Any:
-        return self._request(target, "DELETE", f"/tools/{quote(name, safe='')}", budget)
+        return self._call(target, DELETE, "DELETE", f"/tools/{quote(name, safe='')}", budget)
 
     def tool_status(self, target: Target, budget: float) -> dict[str, Any]:
         """`GET /tools/status`: every container the agent sees, with its managed ids."""
-        answer = self._request(target, "GET", "/tools/status", budget)
-        if not isinstance(answer, dict) or not isinstance(answer.get("tool_instances"), list):
-            raise DtmaBadResponse(f"the toolbox agent at {target.where} answered /tools/status without a "
-                                  "tool_instances list")
+        def check(answer: Any) -> str | None:
+            if not isinstance(answer, dict) or not isinstance(answer.get("tool_instances"), list):
+                return "answered /tools/status without a tool_instances list"
+            return None
+        answer: dict[str, Any] = self._call(target, TOOLS_STATUS, "GET", "/tools/status", budget, check=check)
         return answer
 
     def close(self) -> None:

@@ -246,6 +246,10 @@ def _render(status: int, body: Any, headers: dict[str, str]) -> flask.Response:
     return flask.Response(payload, status=status, headers=headers, mimetype="application/json")
 
 
+# The codes of the refusals functions-framework makes before a function runs (others: bad_request).
+FRAMEWORK_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 def json_error_pages() -> None:
     """Answer the requests functions-framework refuses before the function runs in the one error
     shape too (a path its route cannot take, such as one holding a newline; `/robots.txt`):
@@ -257,7 +261,7 @@ def json_error_pages() -> None:
     def render(error: HTTPException) -> flask.Response:
         if (error.code or 500) >= 500:
             return error.get_response()  # functions-framework's crash handler keeps its own 500s
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.code or 0, "bad_request")
+        code = FRAMEWORK_ERROR_CODES.get(error.code or 0, "bad_request")
         body = ApiError(error.code or 400, code, f"{error.name.lower()}: no function route takes this request").body()
         return _render(error.code or 400, body, {})
 

@@ -28,6 +28,9 @@ USER_FACING = (DEPLOY, MANAGE, STATUS)
 CALLS_DTMA = (DEPLOY, MANAGE, STATUS, WORKER)
 # Who creates command tasks: deploy and manage for new commands, the sweep for lost ones.
 ENQUEUES = (DEPLOY, MANAGE, SWEEP)
+# Who checks that MCP endpoints answer (shared/usecases/mcp_health.py): the worker after a start (and,
+# inline, deploy and manage), mcp_status on refresh=true, the sweep in batches.
+PROBES_MCP = (DEPLOY, MANAGE, STATUS, SWEEP, WORKER)
 # Called by Google with an OIDC ID token (Cloud Scheduler, Cloud Tasks), which each checks itself:
 # function -> (its invoker service account setting, its audience setting).
 INVOKED_BY_GOOGLE = {SWEEP: ("SWEEP_INVOKER_SA", "SWEEP_INVOKER_AUDIENCE"),
@@ -143,7 +146,8 @@ class Settings(BaseSettings):
         None, "The `iss` of those tokens (default: Google's, `https://accounts.google.com` or "
         "`accounts.google.com`). Local stacks only.", (SWEEP, WORKER))
     ALLOW_PRIVATE_TOOLBOX_IPS: bool = _setting(
-        False, "Allow loopback/private/link-local toolbox addresses (local development only).", CALLS_DTMA)
+        False, "Allow loopback/private/link-local toolbox addresses (local development only): for the DTMA and "
+        "for checking MCP endpoints.", (*CALLS_DTMA, SWEEP))
     HOST_PORT_RANGE: str = _setting("49152-49999", "Host ports allocated to MCP servers when the request "
                                                    "names none.", (DEPLOY,))
     ALLOW_PRIVILEGED_PORTS: bool = _setting(False, "Allow host ports below 1024.", (DEPLOY,))
@@ -162,6 +166,42 @@ class Settings(BaseSettings):
     SWEEP_GUARD_FRACTION: float = _setting(
         0.5, "If more than this fraction of active toolboxes would turn unresponsive at once, none do.",
         (SWEEP,), gt=0, le=1)
+
+    # --- retention (cp_prune_history, run by the sweep) ---------------------------------------------
+    EVENTS_RETENTION_DAYS: int = _setting(
+        30, "Server events older than this are deleted by the sweep, except each existing server's newest "
+        "EVENTS_KEEP_PER_SERVER. The operations report reaches back at most this far.", (SWEEP,), ge=1, le=3650)
+    EVENTS_KEEP_PER_SERVER: int = _setting(
+        20, "Newest events every existing server keeps whatever their age, so its timeline is never empty.",
+        (SWEEP,), ge=0, le=1000)
+    COMMANDS_RETENTION_DAYS: int = _setting(
+        30, "Finished agent commands (and the agent calls they recorded) older than this are deleted by the "
+        "sweep.", (SWEEP,), ge=1, le=3650)
+    RETENTION_BATCH_SIZE: int = _setting(
+        5000, "Most rows of each kind one sweep handles: old events examined, finished commands deleted; 0: the "
+        "sweep deletes nothing.", (SWEEP,), ge=0, le=50_000)
+
+    # --- MCP endpoint checks (shared/usecases/mcp_health.py) --------------------------------------------
+    MCP_PROBE_TIMEOUT_SECONDS: float = _setting(
+        5.0, "Budget of one check that a server's MCP endpoint answers (initialize, then tools/list). "
+        "mcp_status?refresh=true uses the smaller of this and DTMA_STATUS_TIMEOUT_SECONDS.", PROBES_MCP,
+        gt=0, le=60)
+    MCP_PROBE_MAX_BYTES: int = _setting(
+        1_048_576, "Largest answer read from an MCP endpoint in one check; a larger one is a failed check.",
+        PROBES_MCP, ge=4096, le=16_777_216)
+    MCP_PROBE_CONCURRENCY: int = _setting(
+        32, "Checks run at once by one sweep (and at most this many by one refresh).", PROBES_MCP, ge=1, le=256)
+    MCP_PROBE_STARTUP_SECONDS: float = _setting(
+        10.0, "After the command worker saw a server start, how long it keeps checking while nothing accepts "
+        "connections on the endpoint yet (a server takes a moment to listen); 0 checks once. Commands run inline "
+        "(TASKS_MODE=inline) always check once.", (WORKER,), ge=0, le=120)
+    MCP_SWEEP_PROBE_BATCH: int = _setting(
+        200, "Most running servers one sweep checks, those never checked first, then the longest unchecked "
+        "(0: the sweep checks none).", (SWEEP,), ge=0, le=10_000)
+    MCP_SWEEP_PROBE_BUDGET_SECONDS: float = _setting(
+        35.0, "Time one sweep may spend checking: its batch is cut to MCP_PROBE_CONCURRENCY x "
+        "(this / MCP_PROBE_TIMEOUT_SECONDS) servers. Keep it well under the sweep's own timeout (60 s).",
+        (SWEEP,), gt=0)
 
     # --- HTTP -------------------------------------------------------------------------------------
     CORS_ALLOWED_ORIGINS: str = _setting(

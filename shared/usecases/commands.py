@@ -10,7 +10,9 @@ and invoked with an OIDC token, like the sweep. One delivery:
 2. calls the toolbox's agent for as long as the slowest pull takes (DTMA_COMMAND_TIMEOUT_SECONDS),
    recording every step as it happens: `running`, or `error` with the agent's reason turned into a
    sentence (shared/usecases/outcomes.py), the moment the agent answers;
-3. marks the command done or failed (`cp_finish_command`), which erases its sealed environment.
+3. marks the command done or failed (`cp_finish_command`), which erases its sealed environment;
+4. when the command left the server running (a deploy, a start or restart it confirmed), checks that
+   its MCP endpoint answers and records what it says (shared/usecases/mcp_health.py `after_start`).
 
 Retries are safe: a deploy delivered again after its first attempt started the container finds
 the instance no longer `deploying` and is superseded; one whose first attempt died mid-call meets
@@ -26,17 +28,21 @@ the record and says what is left on the droplet.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from shared.adapters import secret_env
-from shared.adapters.dtma import AddressRefused, DtmaError, DtmaRejected, Target
+from shared.adapters.dtma import AddressRefused, DtmaError, DtmaRejected, Target, recording
 from shared.adapters.http import Call, Reply
 from shared.adapters.logging import quotes_secret, redact, request_secrets
 from shared.core import lifecycle
 from shared.core.errors import invalid
 from shared.core.lifecycle import Status
+from shared.usecases import mcp_health
 from shared.usecases.outcomes import Outcome, from_dtma_error
 from shared.usecases.ports import Ports
 
@@ -335,10 +341,13 @@ def _action(rt: Ports, claim: dict[str, Any]) -> _Result:
     return _run(_Steps(rt, target, claim), command["action"], Status(claim["instance"]["status_on_toolbox"]))
 
 
-def _record(outcome: Outcome | None, result: _Result | None = None) -> tuple[str, dict[str, Any]]:
+def _record(outcome: Outcome | None, result: _Result | None = None,
+            agent_calls: Sequence[dict[str, Any]] = ()) -> tuple[str, dict[str, Any]]:
     """(command status, outcome record). `done`: the agent answered and its answer is recorded on
     the server, whether success or failure; `failed`: it never answered (unreachable, no answer
-    in time), so the command did not happen as asked. The record is what manage_mcp_server answers."""
+    in time), so the command did not happen as asked. The record is what manage_mcp_server answers,
+    plus `agent_calls`: every DTMA call the command made, in order, `{"op", "ms", "result", "status"}`
+    (shared/adapters/dtma.py `recording`; docs/deploying.md "Metrics and logs")."""
     if result is not None:
         outcome = result.failure
         pending = outcome is None and not result.confirmed
@@ -349,31 +358,73 @@ def _record(outcome: Outcome | None, result: _Result | None = None) -> tuple[str
     else:
         assert outcome is not None
         record = {"http_status": outcome.http_status, "code": outcome.code, "message": outcome.message}
+    record["agent_calls"] = list(agent_calls)
     failed = outcome is not None and (not outcome.reached or outcome.http_status == 202)
     return ("failed" if failed else "done"), record
 
 
-def execute(rt: Ports, command_id: str) -> dict[str, Any]:
-    """One delivery of one command; the answer is what the worker says to the queue."""
+def execute(rt: Ports, command_id: str, *, inline: bool = False) -> dict[str, Any]:
+    """One delivery of one command; the answer is what the worker says to the queue. `inline`: run by
+    the serving process's own bounded pool (TASKS_MODE=inline), which must not wait for a server to start
+    listening (shared/usecases/mcp_health.py `after_start`)."""
     settings = rt.settings
     claim = rt.db.call("cp_claim_command", p_command_id=command_id,
                        p_lease_seconds=int(settings.DTMA_COMMAND_TIMEOUT_SECONDS * 2 + _LEASE_MARGIN_SECONDS),
                        p_max_per_toolbox=settings.TOOLBOX_MAX_CONCURRENT_COMMANDS)
     if not claim.get("run"):
         return claim
+    began = time.perf_counter()
+    calls: list[dict[str, Any]] = []  # the DTMA calls of this delivery, in order: the record's agent_calls
     action = claim["command"]["action"]
+    started = False  # the command left the server running: time to check that its endpoint answers
     try:
-        if action == "deploy":
-            status, record = _record(_deploy(rt, claim))
-        else:
-            status, record = _record(None, _action(rt, claim))
+        with recording(calls, command_id=command_id):
+            if action == "deploy":
+                outcome = _deploy(rt, claim)
+                status, record = _record(outcome, agent_calls=calls)
+                started = outcome.reached and outcome.to is Status.RUNNING
+            else:
+                result = _action(rt, claim)
+                status, record = _record(None, result, agent_calls=calls)
+                started = action in ("start", "restart") and result.failure is None and result.confirmed
     except secret_env.SealError as exc:
         message = f"{exc}; deploy it again"
         rt.db.call("cp_settle", p_instance_id=claim["instance"]["id"], p_expected="deploying", p_to="error",
                    p_message=message)
-        status, record = "failed", {"http_status": 500, "code": "sealed_env_unreadable", "message": message}
+        status, record = "failed", {"http_status": 500, "code": "sealed_env_unreadable", "message": message,
+                                    "agent_calls": list(calls)}
     rt.db.call("cp_finish_command", p_command_id=command_id, p_status=status, p_outcome=record)
+    _log_outcome(claim, command_id, status, record, began)
+    if started:  # after the outcome is recorded: manage_mcp_server's wait for it is not lengthened
+        mcp_health.after_start(rt, claim["instance"], claim["toolbox"], wait=not inline)
     return {"state": status, "action": action, **record}
+
+
+def _log_outcome(claim: dict[str, Any], command_id: str, status: str, record: dict[str, Any], began: float) -> None:
+    """One `command_outcome` line per finished command, for the log-based metrics (deploy.sh gcp).
+    `duration_ms` runs from the moment the command was recorded (the instance's `status_changed_at`,
+    written in the same transaction as the command, and unchanged while it waits: a claim needs the
+    status it was recorded with) to now; `run_ms` is this delivery's own part of it."""
+    command, instance = claim["command"], claim["instance"]
+    http = record.get("http_status")
+    result = "pending" if http == 202 else \
+        "succeeded" if status == "done" and isinstance(http, int) and http < 300 else "failed"
+    run_ms = round((time.perf_counter() - began) * 1000, 1)
+    try:
+        recorded = datetime.fromisoformat(str(instance.get("status_changed_at")))
+        recorded = recorded if recorded.tzinfo else recorded.replace(tzinfo=UTC)
+        duration_ms: float | None = round(max((datetime.now(UTC) - recorded).total_seconds() * 1000, run_ms), 1)
+    except ValueError:
+        duration_ms = None
+    fields = {"event": "command_outcome", "command_id": command_id, "action": command["action"],
+              "toolbox_id": claim["toolbox"]["id"], "instance_id": instance["id"],
+              "image": instance.get("docker_image_url"), "code": record.get("code"), "http_status": http,
+              "result": result, "state": status, "duration_ms": duration_ms, "run_ms": run_ms,
+              "attempt": command.get("attempt"), "dtma_calls": len(record.get("agent_calls") or ())}
+    log.log(logging.WARNING if result == "failed" else logging.INFO,
+            "command %s of %s on toolbox %s: %s (%s, %s) after %s ms, attempt %s", command["action"],
+            instance.get("instance_name_on_toolbox"), fields["toolbox_id"], result, fields["code"], http,
+            duration_ms, fields["attempt"], extra={"json_fields": fields})
 
 
 def handle(call: Call, rt: Ports) -> Reply:

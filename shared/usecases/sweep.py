@@ -12,6 +12,10 @@ locks with SKIP LOCKED). This module only passes the configuration, logs the cou
 loudly when the guard tripped: more than SWEEP_GUARD_FRACTION of the active toolboxes falling
 silent at once points at our heartbeat ingest, not at the droplets, so nothing was marked and a
 human should look.
+
+Each sweep also checks that the MCP endpoints of a bounded batch of running servers answer
+(shared/usecases/mcp_health.py `sweep`: never-checked and longest-unchecked first, at most
+MCP_SWEEP_PROBE_BATCH, cut to fit MCP_SWEEP_PROBE_BUDGET_SECONDS); its counts go to the log line.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 from shared.adapters.db import Database
 from shared.adapters.http import Call, Reply
 from shared.core.config import Settings
-from shared.usecases import commands_queue
+from shared.usecases import commands_queue, mcp_health
 from shared.usecases.ports import Ports
 
 log = logging.getLogger("mcp.sweep")
@@ -78,6 +82,20 @@ def requeue_commands(rt: Ports) -> dict[str, int]:
             "commands_given_up": found["given_up"]}
 
 
+def prune_history(rt: Ports) -> dict[str, int]:
+    """Retention: one bounded batch of `cp_prune_history` (sql/migrations/0010_operations.sql) deletes events
+    older than EVENTS_RETENTION_DAYS (each existing server keeps its newest EVENTS_KEEP_PER_SERVER) and
+    finished commands older than COMMANDS_RETENTION_DAYS, at most RETENTION_BATCH_SIZE of each kind, so
+    running it every minute never holds long locks. Logged, not answered (the answer is SweepCounts)."""
+    s = rt.settings
+    if not s.RETENTION_BATCH_SIZE:
+        return {}
+    pruned = rt.db.call("cp_prune_history", p_events_retention_days=s.EVENTS_RETENTION_DAYS,
+                        p_commands_retention_days=s.COMMANDS_RETENTION_DAYS,
+                        p_keep_events_per_instance=s.EVENTS_KEEP_PER_SERVER, p_batch_size=s.RETENTION_BATCH_SIZE)
+    return {"events_pruned": pruned["events_deleted"], "commands_pruned": pruned["commands_deleted"]}
+
+
 def handle(call: Call, rt: Ports) -> Reply:
     """One sweep; 200 with the counts, including when the guard tripped (the sweep did its job).
     Only the scheduler's service account may ask: its Google OIDC token is checked first (401)."""
@@ -87,7 +105,11 @@ def handle(call: Call, rt: Ports) -> Reply:
     invoker_auth.authenticate(call.header("Authorization"), rt.settings, SWEEP)
     counts = sweep_once(rt.db, call.settings)
     counts.update(requeue_commands(rt))
+    call.log_fields.update(prune_history(rt))
+    # Last, bounded by MCP_SWEEP_PROBE_BUDGET_SECONDS: the batch of running servers whose MCP endpoint is
+    # checked (shared/usecases/mcp_health.py). Logged, not answered (the answer is the document's SweepCounts).
+    checks = mcp_health.sweep(rt)
     call.log_fields.update({"guard_tripped": counts["guard_tripped"], "marked": counts["marked_unresponsive"],
-                            "deadlines_failed": counts["deadlines_failed"]})
+                            "deadlines_failed": counts["deadlines_failed"], **checks})
     _log(counts, call.settings)
     return Reply(200, counts)

@@ -189,6 +189,28 @@ def _schemas() -> dict[str, Any]:
         },
         optional=("refresh",),
     )
+    schemas["Toolbox"] = _strict(
+        {
+            "id": UUID,
+            "name": _nullable(STRING),
+            "region": STRING,
+            "status": STRING,
+            "public_address": _nullable(STRING),
+            "last_heartbeat_at": _nullable(TIMESTAMP),
+            "heartbeat_age_seconds": _nullable(COUNT),
+            "stale": {"type": "boolean", "description": "Same rule as a server's `stale`."},
+            "docker_healthy": _nullable({"type": "boolean", "description": "null while the toolbox is silent."}),
+            "dtma_version": _nullable(STRING),
+            "agent_last_reached_at": _nullable(TIMESTAMP),
+            "accepts_deploys": {"type": "boolean",
+                                "description": "Whether deploy_mcp_server would accept this toolbox now."},
+            "liveness": {"type": "string", "description": "A sentence: how lately it reported, what to check."},
+            "server_count": COUNT,
+            "created_at": TIMESTAMP,
+        },
+        "One of the caller's toolboxes (mcp_status/toolboxes).",
+    )
+    schemas["ToolboxList"] = _strict({"toolboxes": {"type": "array", "items": _ref("Toolbox")}, "as_of": TIMESTAMP})
     schemas["ServerOne"] = _strict(
         {"server": _ref("Server"), "as_of": TIMESTAMP, "refresh": refresh}, optional=("refresh",)
     )
@@ -449,6 +471,20 @@ def _paths() -> dict[str, Any]:
                 "parameters": [ID_PATH],
                 "responses": _responses({"200": _body(_ref("ServerOne"), "The server.")}, status_errors),
             }
+        },
+        "/mcp_status/toolboxes": {
+            "get": {
+                "summary": "The caller's toolboxes: liveness, Docker health, whether they accept deploys",
+                "tags": ["servers"],
+                "operationId": "listToolboxes",
+                "responses": _responses({"200": _body(_ref("ToolboxList"), "The toolboxes.")}, status_errors),
+            },
+            "post": {
+                "summary": "The same (what supabase.functions.invoke('mcp_status/toolboxes') sends)",
+                "tags": ["servers"],
+                "operationId": "queryToolboxes",
+                "responses": _responses({"200": _body(_ref("ToolboxList"), "The toolboxes.")}, status_errors),
+            },
         },
         "/mcp_status_sweep": {
             "post": {

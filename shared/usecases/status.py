@@ -17,6 +17,7 @@ from shared.adapters.http import Call, Reply
 from shared.usecases.ports import Ports
 from shared.usecases.refresh import refresh
 from shared.usecases.status_query import Query, encode_cursor, parse_query
+from shared.usecases.toolboxes import list_toolboxes
 from shared.usecases.view import server_json
 
 
@@ -28,6 +29,11 @@ def _read(db: Database, user_id: str, query: Query) -> dict[str, Any]:
 def handle(call: Call, ports: Ports) -> Reply:
     """Authenticate, validate, read (and refresh), render."""
     user = authenticate(call.header("Authorization"), ports.verifier)
+    if call.path.strip("/") == "toolboxes":
+        if call.method == "POST":
+            call.json(required=False)  # nothing to read, but the body must be well-formed
+        call.log_fields["user_id"] = user.user_id
+        return Reply(200, list_toolboxes(ports.db, user.user_id, ports.settings))
     query = parse_query(call)
     page = _read(ports.db, user.user_id, query)
     refreshed = None

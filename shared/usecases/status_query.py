@@ -145,7 +145,7 @@ def parse_query(call: Call) -> Query:
     """The request's parameters, validated, from the path, the query string or the body."""
     parts = [p for p in call.path.split("/") if p]
     if len(parts) > 1:
-        raise ApiError(404, "not_found", f"no such route: {call.path}; use / or /<id>")
+        raise ApiError(404, "not_found", f"no such route: {call.path}; use /, /<id> or /toolboxes")
     request = _query_params(call) if call.method == "GET" else _body(call)
     path_id = _uuid("id", parts[0]) if parts else None
     body_id = _uuid("id", request.id)

@@ -80,9 +80,35 @@ def first_request(world: World, function: str, run: int) -> tuple[str, str, byte
     return req.method, req.path, body.encode(), req.headers, {int(s) for s in expected}
 
 
+# The exact-imports floor of each function: the third-party packages it must use (bench/floor_imports).
+FLOOR_SOURCE = ROOT / "bench" / "floor_imports" / "main.py"
+FLOOR_SETS = {"floor:db": "pydantic,psycopg,psycopg_pool",
+              "floor:db+jwt+httpx": "pydantic,psycopg,psycopg_pool,jwt,httpx"}
+# The heartbeat talks to the database only; the user-facing functions verify JWTs and call agents or
+# Cloud Tasks over httpx; the sweep checks its caller's OIDC token (PyJWT) and enqueues over httpx.
+FLOORS = {"dtma_heartbeat_ingest": "floor:db", "mcp_status": "floor:db+jwt+httpx",
+          "deploy_mcp_server": "floor:db+jwt+httpx", "manage_mcp_server": "floor:db+jwt+httpx",
+          "mcp_status_sweep": "floor:db+jwt+httpx"}
+COLD_TARGET = 1.25  # cold start to first answer / the function's exact-imports floor
+USER_FACING_TARGET = 2.0  # user-facing cold start / the no-op floor
+USER_FACING = ("mcp_status", "deploy_mcp_server", "manage_mcp_server")
+
+
+def server_for(world: World, target: str) -> Server:
+    if target in FLOOR_SETS:
+        return Server("floor", {**world.env(), "FLOOR_IMPORTS": FLOOR_SETS[target]}, source=FLOOR_SOURCE)
+    if target == "mcp_status_sweep":
+        # Its MCP endpoint checks wait on the bench world's servers, which are records without endpoints
+        # (up to MCP_SWEEP_PROBE_BUDGET_SECONDS): the first sweep here is the sweep itself.
+        return Server(target, world.env(target, MCP_SWEEP_PROBE_BATCH="0"))
+    return Server(target, world.env(target))
+
+
 def cold_start(world: World, function: str, run: int) -> dict[str, Any]:
+    if function in FLOOR_SETS:
+        return first_answer(server_for(world, function), "POST", "/", b"", {}, {204})
     method, path, body, headers, expected = first_request(world, function, run)
-    return first_answer(Server(function, world.env(function)), method, path, body, headers, expected)
+    return first_answer(server_for(world, function), method, path, body, headers, expected)
 
 
 def first_answer(server: Server, method: str, path: str, body: bytes, headers: dict[str, str],
@@ -117,7 +143,10 @@ def first_answer(server: Server, method: str, path: str, body: bytes, headers: d
 
 
 def import_time(function: str, env: dict[str, str]) -> tuple[float, float, list[str]]:
-    done = subprocess.run([sys.executable, "-c", IMPORT_SNIPPET, str(source_of(function)), ",".join(HEAVY)],
+    source = FLOOR_SOURCE if function in FLOOR_SETS else source_of(function)
+    if function in FLOOR_SETS:
+        env = {**env, "FLOOR_IMPORTS": FLOOR_SETS[function]}
+    done = subprocess.run([sys.executable, "-c", IMPORT_SNIPPET, str(source), ",".join(HEAVY)],
                           env=env, capture_output=True, text=True, check=True, cwd=str(ROOT), timeout=60)
     framework, total, heavy = [*done.stdout.strip().split(" "), ""][:3]
     return float(framework), float(total), [h for h in heavy.split(",") if h]
@@ -158,7 +187,7 @@ def run(runs: int = 5, world: World | None = None, click_runs: int = 20) -> dict
     own = world is None
     world = world or World(heartbeat_toolboxes=16)
     try:
-        targets = ("noop", *FUNCTIONS)
+        targets = ("noop", *FLOOR_SETS, *FUNCTIONS)
         cold: dict[str, list[float]] = {t: [] for t in targets}
         imports: dict[str, list[float]] = {t: [] for t in targets}
         framework: list[float] = []
@@ -181,10 +210,10 @@ def run(runs: int = 5, world: World | None = None, click_runs: int = 20) -> dict
             print(f"first click after idle, {len(clicks[CLICK])} runs: deploy p99 "
                   f"{percentile(clicks[CLICK], 99):.0f} ms, no-op p99 {percentile(clicks['noop'], 99):.0f} ms",
                   flush=True)
-        heavy_after = {t: loaded_after_first_request(world, t) for t in targets}
+        heavy_after = {t: loaded_after_first_request(world, t) for t in ("noop", *FUNCTIONS)}
         env = world.env()
         marginals = {name: marginal(name, env, 3) for name in (
-            "psycopg,psycopg_pool", "pydantic", "pydantic_settings", "shared.core.config", "jwt", "httpx")}
+            "psycopg,psycopg_pool", "pydantic", "shared.core.config", "jwt", "httpx")}
     finally:
         if own:
             world.stop()
@@ -192,6 +221,11 @@ def run(runs: int = 5, world: World | None = None, click_runs: int = 20) -> dict
     for t in targets:
         summary[t]["cold_ratio"] = summary[t]["cold_ms"] / summary["noop"]["cold_ms"]
         summary[t]["import_ratio"] = summary[t]["import_ms"] / summary["noop"]["import_ms"]
+        if t in FLOORS:
+            floor = summary[FLOORS[t]]
+            summary[t]["floor"] = FLOORS[t]
+            summary[t]["floor_ratio"] = summary[t]["cold_ms"] / floor["cold_ms"]
+            summary[t]["floor_import_ratio"] = summary[t]["import_ms"] / floor["import_ms"]
     first_click = {t: {"p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99), "max_ms": max(v), "n": len(v),
                        "samples": v} for t, v in clicks.items()}
     return {"summary": summary, "cold": cold, "imports": imports, "framework_import_ms": median(framework),
@@ -200,14 +234,26 @@ def run(runs: int = 5, world: World | None = None, click_runs: int = 20) -> dict
             "params": {"runs": runs, "click_runs": max(runs, click_runs)}}
 
 
+def verdict(ratio: float, target: float) -> str:
+    return "met" if ratio <= target else "**not met**"
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     s = result["summary"]
     rows = []
     for t, v in s.items():
-        rows.append([f"`{t}`", f"{v['cold_ms']:.0f}", f"**{v['cold_ratio']:.2f}x**", f"{v['import_ms']:.0f}",
-                     f"{v['import_ratio']:.2f}x", ", ".join(result["heavy_after_first_request"].get(t, [])) or "-"])
-    return [table(["function", "cold start to first answer, ms (median)", "vs floor (target <= 1.5x)",
-                   "import alone, ms", "vs floor", "heavy packages loaded after the first request"], rows)]
+        if "floor_ratio" in v:
+            floor = f"**{v['floor_ratio']:.2f}x** of `{v['floor']}` ({verdict(v['floor_ratio'], COLD_TARGET)})"
+        else:
+            floor = "-" if t == "noop" else f"{FLOOR_SETS[t].replace(',', ', ')}"
+        user = (f"**{v['cold_ratio']:.2f}x** ({verdict(v['cold_ratio'], USER_FACING_TARGET)})" if t in USER_FACING
+                else f"{v['cold_ratio']:.2f}x")
+        rows.append([f"`{t}`", f"{v['cold_ms']:.0f}", floor, user, f"{v['import_ms']:.0f}",
+                     ", ".join(result["heavy_after_first_request"].get(t, [])) or "-"])
+    return [table(["function", "cold start to first answer, ms (median)",
+                   f"vs its exact-imports floor (target <= {COLD_TARGET}x)",
+                   f"vs no-op (user-facing: target <= {USER_FACING_TARGET:g}x)", "import alone, ms",
+                   "heavy packages loaded after the first request"], rows)]
 
 
 CLICK_TARGET_MS = 2000

@@ -155,12 +155,13 @@ def serve_args(target: str, pg: Postgres) -> dict[str, Any]:
 
 
 def warm(pg: Postgres, load_toolboxes: int) -> None:
-    """One beat per loaded toolbox, so the measured beats are steady state (nothing changed)."""
+    """Two beats per loaded toolbox, so the measured beats are steady state: the first binds the containers
+    (a change), the second changes nothing and stores the digest the next ones match."""
     from bench.common import sequential_latencies
 
     with serving(**serve_args("heartbeat", pg)) as server:
-        _, statuses = sequential_latencies(server, requests_for("heartbeat", load_toolboxes), load_toolboxes)
-    assert statuses == {"204": load_toolboxes}, statuses
+        _, statuses = sequential_latencies(server, requests_for("heartbeat", load_toolboxes), 2 * load_toolboxes)
+    assert statuses == {"204": 2 * load_toolboxes}, statuses
 
 
 def round_for(target: str, pg: Postgres, reqs: list[Req], duration: float, concurrencies: tuple[int, ...]
@@ -189,47 +190,132 @@ def round_for(target: str, pg: Postgres, reqs: list[Req], duration: float, concu
     return results
 
 
+def changed_requests(load_toolboxes: int, rounds: int) -> list[Req]:
+    """Beats that each change something: every container's image alternates between two tags, so each
+    beat rewrites the toolbox's 20 instance rows (their runtime) and takes the full path. Ends on the
+    steady body, so the toolboxes are steady again afterwards."""
+    plain = requests_for("heartbeat", load_toolboxes)
+    other = [Req(r.method, r.path, r.headers, r.body.replace('"mcp/everything:latest"', '"mcp/everything:next"'))
+             for r in plain]
+    return [req for k in range(rounds) for req in (other if k % 2 == 0 else plain)]
+
+
+def client_backends_cpu(pg: Postgres, pids: set[int] | None = None) -> tuple[float, set[int]]:
+    """CPU seconds of the database's client backends (the ones serving the function's pool), and their pids.
+    Pass the pids of an earlier reading so that backends opened since are counted from zero."""
+    from bench.common import process_cpu
+
+    with pg.connect() as conn:
+        current = {row[0] for row in conn.execute(
+            "select pid from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()")}
+    both = current | (pids or set())
+    return sum(process_cpu(pid) for pid in both), both
+
+
+def direct_cost(pg: Postgres, load_toolboxes: int, calls: int = 3000, paused: int = 1000, pause_s: float = 0.002
+                ) -> dict[str, Any]:
+    """PostgreSQL CPU per steady-state cp_ingest_heartbeat called straight from one connection configured like
+    the function's (autocommit, no prepared statements): back to back, as a connection of a busy pool or
+    pooler runs them, and with a pause between calls, as one agent at a time arrives here. The serving
+    backend's CPU (/proc) and every PostgreSQL process's, divided by the calls."""
+    import time as clock
+
+    from psycopg.types.json import Jsonb
+
+    from bench.common import process_cpu
+    from shared.usecases.reports import build_report
+
+    beats = [(hashlib.sha256(token(n).encode()).hexdigest(), build_report(json.loads(container_body(n))).params(150))
+             for n in range(load_toolboxes)]
+    query = ("select public.cp_ingest_heartbeat(p_token_sha256 => %s, p_report => %s, p_digest => %s, "
+             "p_live => %s, p_stale_after_seconds => %s)")
+    out: dict[str, Any] = {}
+    with pg.connect(prepare_threshold=None) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+
+        def run(count: int, pause: float, check: bool = True) -> dict[str, float]:
+            backend0, all0 = process_cpu(pid), pg.cpu_seconds()
+            for i in range(count):
+                digest, params = beats[i % len(beats)]
+                result = conn.execute(query, (digest, params["p_report"], params["p_digest"], Jsonb(params["p_live"]),
+                                              params["p_stale_after_seconds"])).fetchone()[0]
+                if check and not result.get("steady"):
+                    raise RuntimeError(f"not a steady beat: {result}")
+                if pause:
+                    clock.sleep(pause)
+            return {"calls": count, "backend_cpu_ms": (process_cpu(pid) - backend0) * 1000 / count,
+                    "db_cpu_ms": (pg.cpu_seconds() - all0) * 1000 / count}
+
+        run(2 * len(beats), 0, check=False)  # the first beat after sequential_cost's changes applies them
+        out["back_to_back"] = run(calls, 0)
+        out["paused"] = {**run(paused, pause_s), "pause_ms": pause_s * 1000}
+    return out
+
+
+def sequential_cost(pg: Postgres, load_toolboxes: int, beats: int = 3000, changed_rounds: int = 4
+                    ) -> dict[str, Any]:
+    """CPU per request one request at a time on one keep-alive connection: the function's process tree
+    and every PostgreSQL process, divided by the requests served. Without concurrency no core is shared
+    with a queue of waiting requests, so these are the figures that transfer (the capacity model's)."""
+    from bench.common import sequential_latencies
+
+    out: dict[str, Any] = {}
+    steady = requests_for("heartbeat", load_toolboxes)
+    for target in ("noop", "heartbeat"):
+        reqs = requests_for("noop", load_toolboxes) if target == "noop" else steady
+        with serving(**serve_args(target, pg)) as server:
+            sequential_latencies(server, reqs, 2 * len(reqs))  # pool open, reports built, toolboxes steady
+            cases = [("steady", reqs, beats)]
+            if target == "heartbeat":
+                changed = changed_requests(load_toolboxes, changed_rounds)
+                cases.append(("changed", changed, len(changed)))
+            for case, case_reqs, count in cases:
+                backend0, pids = client_backends_cpu(pg)
+                cpu0, db0 = server.cpu_seconds(), pg.cpu_seconds()
+                latencies, statuses = sequential_latencies(server, case_reqs, count)
+                cpu1, db1 = server.cpu_seconds(), pg.cpu_seconds()
+                backend1, _ = client_backends_cpu(pg, pids)
+                if statuses != {"204": count}:
+                    raise RuntimeError(f"{target} {case}: {statuses}: {server.log_tail()}")
+                out[f"{target}_{case}"] = {
+                    "requests": count, "cpu_ms": (cpu1 - cpu0) * 1000 / count, "db_cpu_ms": (db1 - db0) * 1000 / count,
+                    "backend_cpu_ms": (backend1 - backend0) * 1000 / count, "p50_ms": median(latencies) * 1000}
+    return out
+
+
 def explain(pg: Postgres) -> list[dict[str, Any]]:
-    """Plans of cp_ingest_heartbeat's statements (0005/0007) for one steady-state beat, at this fleet size.
+    """Plans of cp_ingest_heartbeat's statements (0012) for one steady-state beat, at this fleet size.
     Generic plans (what PL/pgSQL settles on); each statement is rolled back."""
     from shared.usecases.reports import build_report
 
     n = 7
     report = build_report(json.loads(container_body(n)))
+    params = report.params(210)
     digest = hashlib.sha256(token(n).encode()).hexdigest()
     statements = {
-        "lock the toolbox by token digest": (
+        "steady path, one UPDATE: toolbox by token digest, digest and row-version token checked, liveness written": (
+            "(text, bytea, jsonb)",
+            """with previous as (
+                 select e.id, e.last_heartbeat_at from public.account_tool_environments e
+                  where e.dtma_token_sha256 = decode($1, 'hex'))
+               update public.account_tool_environments e
+                  set last_heartbeat_at = now(), updated_at = now(), dtma_health_details_json = $3
+                 from previous
+                where e.id = previous.id and e.status = 'active' and e.dtma_report_digest = $2
+                  and e.dtma_report_instances = (
+                    select count(*)::text || ':' || coalesce(bit_xor(uuid_hash_extended(
+                             i.id, i.xmin::text::int8)), 0)::text
+                      from public.account_tool_instances i where i.account_tool_environment_id = e.id)
+               returning e.id, previous.last_heartbeat_at""",
+            (digest, bytes.fromhex(params["p_digest"]), json.dumps(params["p_live"]["system_status"]))),
+        "full path: lock the toolbox by token digest": (
             "(text)", "select * from public.account_tool_environments where dtma_token_sha256 = decode($1, 'hex') "
-                      "for update", (digest,)),
-        "observations: match containers by name within the toolbox (0005)": (
-            "(uuid, jsonb)",
-            """select distinct on (i.id) i.id
-                 from jsonb_array_elements(coalesce($2->'containers', '[]')) with ordinality c(value, ord)
-                 cross join lateral jsonb_array_elements_text(c.value->'names') n(name)
-                 join public.account_tool_instances i
-                   on i.account_tool_environment_id = $1 and i.instance_name_on_toolbox = n.name
-                order by i.id, c.ord""", None),
-        "unmanaged containers: NOT EXISTS per container (0005)": (
-            "(uuid, jsonb)",
-            """select count(*) from jsonb_array_elements(coalesce($2->'containers', '[]')) c
-                where not exists (select 1 from jsonb_array_elements_text(c->'names') n(name)
-                                    join public.account_tool_instances i
-                                      on i.account_tool_environment_id = $1 and i.instance_name_on_toolbox = n.name)""",
-            None),
-        "count a miss for running instances absent from the list": (
-            "(uuid)",
-            """update public.account_tool_instances i set missing_heartbeats = i.missing_heartbeats + 1
-                where i.account_tool_environment_id = $1 and i.status_on_toolbox in ('running', 'stopped')
-                  and i.missing_heartbeats < 0""", None),
-        "record the beat on the toolbox row": (
-            "(uuid)",
-            """update public.account_tool_environments set last_heartbeat_at = now(),
-                      dtma_last_known_version = '0.1.0' where id = $1""", None),
-        "whole call: select cp_ingest_heartbeat(...)": ("(text, jsonb)", "select public.cp_ingest_heartbeat($1, $2)",
-                                                         None),
+                      "for no key update", (digest,)),
+        "whole call: select cp_ingest_heartbeat(...)": (
+            "(text, text, text, jsonb, int)", "select public.cp_ingest_heartbeat($1, $2, $3, $4, $5)",
+            (digest, params["p_report"], params["p_digest"], json.dumps(params["p_live"]), 210)),
     }
     from psycopg import sql
-    from psycopg.types.json import Jsonb
 
     box = f"00000000-0000-4000-9000-{n:012x}"
     out = []
@@ -237,8 +323,7 @@ def explain(pg: Postgres) -> list[dict[str, Any]]:
         conn.execute("set plan_cache_mode = force_generic_plan")
         for number, (label, (types, statement, args)) in enumerate(statements.items()):
             if args is None:
-                args = {"(uuid, jsonb)": (box, Jsonb(report)), "(uuid)": (box,),
-                        "(text, jsonb)": (digest, Jsonb(report))}[types]
+                args = (box,)
             conn.execute("begin")
             conn.execute(f"prepare h{number} {types} as {statement}")
             literals = sql.SQL(", ").join(sql.Literal(a) for a in args)
@@ -276,12 +361,14 @@ def profile(pg: Postgres, load_toolboxes: int, seconds: float = 4.0) -> dict[str
 # json.dumps of the report runs under psycopg's adapter, so it counts as psycopg, not as parsing.
 BUCKETS = (
     ("logging (RedactingFilter, formatting, write)", ("logging/", "shared/adapters/logging.py")),
-    ("psycopg: adapt (json.dumps of the report), send, wait, load result", ("psycopg",)),
-    ("JSON parse + duplicate-key/depth checks (shared/adapters/http.py parse_json)",
-     ("parse_json", "_no_duplicates", "_depth")),
+    ("psycopg and the pool: adapt the parameters, send, wait, load the result", ("psycopg",)),
+    ("body read and JSON parse with the duplicate-key and depth checks (shared/adapters/http.py)",
+     ("read_body", "decode_json", "_fast_loads", "parse_json", "_no_duplicates", "_depth")),
     ("pydantic validation (shared/usecases/reports.py models)", ("pydantic",)),
-    ("report building (shared/usecases/reports.py, shared/core/lifecycle.py)",
+    ("report key, reuse and building (shared/usecases/reports.py, shared/core/lifecycle.py)",
      ("shared/usecases/reports.py", "shared/core/lifecycle.py")),
+    ("the rest of the handler (token digest, recent tokens and reports; shared/usecases/heartbeat.py)",
+     ("shared/usecases/heartbeat.py",)),
     ("flask/werkzeug request and response, shared/adapters/http.py serve",
      ("werkzeug", "flask/", "shared/adapters/http.py")),
     ("gunicorn (accept, parse HTTP, write)", ("gunicorn",)),
@@ -328,10 +415,17 @@ def run(toolboxes: int = 5000, load_toolboxes: int = 256, duration: float = 4.0,
                 rounds[target].append(round_for(target, pg, reqs, duration, concurrencies))
                 c = {k: round(v["rps"]) for k, v in rounds[target][-1].items() if k.isdigit()}
                 print(f"round {r + 1}/{runs} {target}: {c} req/s", flush=True)
+        sequential = sequential_cost(pg, load_toolboxes)
+        print("one at a time: " + ", ".join(f"{k} {v['cpu_ms']:.2f} ms + PostgreSQL {v['db_cpu_ms']:.2f} ms "
+                                            f"(serving backend {v['backend_cpu_ms']:.2f} ms)"
+                                            for k, v in sequential.items()), flush=True)
+        sequential["direct"] = direct_cost(pg, load_toolboxes)
+        print(f"cp_ingest_heartbeat called directly: {sequential['direct']}", flush=True)
         prof = profile(pg, load_toolboxes) if with_profile else {"tool": None, "note": "skipped"}
         version = pg.version()
     summary = summarise(rounds, concurrencies)
-    return {"summary": summary, "rounds": rounds, "explain": plans, "profile": prof, "postgres": version,
+    return {"summary": summary, "sequential": sequential, "rounds": rounds, "explain": plans, "profile": prof,
+            "postgres": version,
             "params": {"toolboxes": toolboxes, "instances": toolboxes * PER_TOOLBOX, "per_toolbox": PER_TOOLBOX,
                        "load_toolboxes": load_toolboxes, "duration": duration, "runs": runs}}
 
@@ -362,7 +456,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
                      f"{orig['rps']:,.0f}", f"{orig['p50_ms']:.2f} / {orig['p99_ms']:.2f}",
                      f"**{ratio(hb['rps'], orig['rps'])}**"])
     lines.append(table(["concurrency", "ingest hb/s", "ingest p50 / p99 ms", "no-op req/s", "no-op p50 / p99 ms",
-                        "ingest / no-op (target >= 50%)", "original pattern hb/s", "original p50 / p99 ms",
+                        "ingest / no-op (report)", "original pattern hb/s", "original p50 / p99 ms",
                         "ingest / original (target >= 5x)"], rows))
     return lines
 

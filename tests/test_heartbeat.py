@@ -325,7 +325,7 @@ def test_concurrent_heartbeats_of_one_toolbox_serialize(factory: Factory, postgr
     def send(seq: int) -> None:
         try:
             postgres_db.call("cp_ingest_heartbeat", p_token_sha256=digest,
-                             p_report=build_report(beat(*[container(n) for n in names])))
+                             **build_report(beat(*[container(n) for n in names])).params(210))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -350,7 +350,7 @@ def test_heartbeats_of_different_toolboxes_do_not_wait_for_each_other(
     done: dict[str, bool] = {}
 
     def send(box: Toolbox) -> None:
-        postgres_db.call("cp_ingest_heartbeat", p_token_sha256=digest[box.id], p_report=report)
+        postgres_db.call("cp_ingest_heartbeat", p_token_sha256=digest[box.id], **report.params(210))
         done[box.id] = True
 
     # Another transaction holds toolbox A's row, as a long heartbeat of A would.

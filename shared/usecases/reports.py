@@ -12,11 +12,14 @@ Docker.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import to_json
 
 from shared.core import lifecycle
 from shared.core.errors import ApiError, from_validation
@@ -69,6 +72,50 @@ class Heartbeat(_Item):
 
 
 _HEARTBEAT_FIELDS = frozenset(Heartbeat.model_fields)
+# What changes every beat without changing what reconciliation reads.
+VOLATILE_FIELDS = ("system_status", "boot_id", "seq")
+
+
+class _Liveness(_Item):
+    """The volatile part of a heartbeat, with Heartbeat's rules (for a body whose rest was validated before)."""
+
+    model_config = ConfigDict(extra="ignore", str_max_length=4096, strict=True)
+    system_status: dict[str, Any]
+    boot_id: str | None = Field(default=None, min_length=1, max_length=128)
+    seq: int | None = Field(default=None, ge=0, le=2**62)
+# A real agent's items are all container summaries: validated in one call (one pass in Rust)
+# instead of one call per item; anything else goes item by item, which also words the refusal.
+_CONTAINERS = TypeAdapter(list[ContainerSummary])
+
+
+@dataclass(frozen=True)
+class HeartbeatReport:
+    """A heartbeat as `cp_ingest_heartbeat` takes it (sql/migrations/0012_heartbeat_digest.sql).
+
+    `stable` is the JSON of everything reconciliation reads, and only that, so that two beats
+    that mean the same have the same bytes and the database can recognise a steady beat by their
+    digest without parsing them. `live` is what changes every beat without meaning anything for
+    reconciliation: the agent's system figures, boot_id/seq, and Docker's relative status text
+    per container ("Up 5 minutes"), which the database puts back into each container's runtime
+    when it writes one.
+    """
+
+    stable: bytes
+    live: dict[str, Any]
+    digest: str = ""  # SHA-256 of `stable`, computed once (a reused report keeps it)
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            object.__setattr__(self, "digest", hashlib.sha256(self.stable).hexdigest())
+
+    def params(self, stale_after_seconds: int) -> dict[str, Any]:
+        """The call's parameters: one round trip whether the beat is steady or not."""
+        return {"p_report": self.stable.decode(), "p_digest": self.digest, "p_live": self.live,
+                "p_stale_after_seconds": stale_after_seconds}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The whole report (for tests and tools): the stable part with `live` beside it."""
+        return {**json.loads(self.stable), "live": self.live}
 
 
 def _field_error(exc: ValidationError, prefix: str = "") -> ApiError:
@@ -118,7 +165,25 @@ def _bounded(value: dict[str, Any], limit: int, what: str) -> dict[str, Any]:
             "keys": [key[:64] for key in list(value)[:32]]}
 
 
-def build_report(body: Any) -> dict[str, Any]:
+def report_key(body: dict[str, Any]) -> bytes:
+    """A digest of everything in `body` but its volatile fields: two bodies with the same key build
+    the same stable report (build_report is a function of them), so it can be reused."""
+    return hashlib.sha256(to_json({k: v for k, v in body.items() if k not in VOLATILE_FIELDS})).digest()
+
+
+def with_liveness(report: HeartbeatReport, body: dict[str, Any]) -> HeartbeatReport:
+    """`report` (built from a body with the same `report_key`) with `body`'s volatile fields, validated."""
+    try:
+        live = _Liveness.model_validate(body)
+    except ValidationError as exc:
+        raise _field_error(exc) from None
+    return HeartbeatReport(report.stable, digest=report.digest, live={
+        "system_status": _bounded(live.system_status, MAX_SYSTEM_STATUS_BYTES, "system_status"),
+        "boot_id": live.boot_id, "seq": live.seq if live.boot_id is not None else None,
+        "statuses": report.live["statuses"]})
+
+
+def build_report(body: Any) -> HeartbeatReport:
     """Validate a heartbeat body and turn it into `cp_ingest_heartbeat`'s report (see the SQL)."""
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_heartbeat", "body: must be a JSON object")
@@ -127,27 +192,36 @@ def build_report(body: Any) -> dict[str, Any]:
     except ValidationError as exc:
         raise _field_error(exc) from None
     containers, instances, docker_error = [], [], None
-    for index, raw in enumerate(beat.tool_statuses):
-        where = f"tool_statuses[{index}]"
+    items = beat.tool_statuses
+    summaries = None
+    if all("account_tool_instance_id" not in raw and ("names" in raw or "state" in raw) for raw in items):
         try:
-            if "account_tool_instance_id" in raw:
-                instances.append(_instance_observation(InstanceReport.model_validate(raw)))
-            elif "names" in raw or "state" in raw:
-                containers.append(container_observation(ContainerSummary.model_validate(raw)))
-            elif "error" in raw:
-                docker_error = str(raw["error"])[:500]
-            else:
-                raise ApiError(400, "invalid_heartbeat",
-                               f"{where}: neither a container summary (names, state) nor an instance status "
-                               "(account_tool_instance_id, status_on_toolbox)", {"field": where})
-        except ValidationError as exc:
-            raise _field_error(exc, where + ".") from None
+            summaries = _CONTAINERS.validate_python(items)
+        except ValidationError:
+            summaries = None  # item by item below, for the message naming the item
+    if summaries is not None:
+        containers = [container_observation(summary) for summary in summaries]
+    else:
+        for index, raw in enumerate(items):
+            where = f"tool_statuses[{index}]"
+            try:
+                if "account_tool_instance_id" in raw:
+                    instances.append(_instance_observation(InstanceReport.model_validate(raw)))
+                elif "names" in raw or "state" in raw:
+                    containers.append(container_observation(ContainerSummary.model_validate(raw)))
+                elif "error" in raw:
+                    docker_error = str(raw["error"])[:500]
+                else:
+                    raise ApiError(400, "invalid_heartbeat",
+                                   f"{where}: neither a container summary (names, state) nor an instance status "
+                                   "(account_tool_instance_id, status_on_toolbox)", {"field": where})
+            except ValidationError as exc:
+                raise _field_error(exc, where + ".") from None
+    # Docker's status text is relative to now ("Up 5 minutes"): it travels beside the digest.
+    statuses = [observation["runtime"].pop("status") for observation in containers]
     known = _HEARTBEAT_FIELDS
-    return {
+    stable = {
         "dtma_version": beat.dtma_version,
-        "system_status": _bounded(beat.system_status, MAX_SYSTEM_STATUS_BYTES, "system_status"),
-        "boot_id": beat.boot_id,
-        "seq": beat.seq if beat.boot_id is not None else None,
         # The real DTMA lists every container on the engine, its own included, so a
         # container-format beat (or an empty one) is the whole truth about the toolbox.
         "full_list": not instances,
@@ -156,6 +230,9 @@ def build_report(body: Any) -> dict[str, Any]:
         "containers": containers,
         "instances": instances,
     }
+    live = {"system_status": _bounded(beat.system_status, MAX_SYSTEM_STATUS_BYTES, "system_status"),
+            "boot_id": beat.boot_id, "seq": beat.seq if beat.boot_id is not None else None, "statuses": statuses}
+    return HeartbeatReport(to_json(stable), live)
 
 
 def _summary(item: Any) -> ContainerSummary | None:

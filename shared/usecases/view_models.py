@@ -184,7 +184,9 @@ class ServerView(TypedDict):
                         _says("The last events, oldest first.")]
     uptime_seconds: Annotated[Count | None, _says("Since it was recorded entering `running`; null otherwise.")]
     status_changed_at: Annotated[Timestamp, _says("When the stored status last changed.")]
-    last_report_at: Annotated[Timestamp | None, _says("When a report of its agent last covered it.")]
+    last_report_at: Annotated[Timestamp | None, _says(
+        "When a heartbeat last changed what is recorded of it. A toolbox whose report is unchanged since the "
+        "previous beat only refreshes its own `last_heartbeat_at`, so this can be older than that.")]
     host_port: Annotated[int | None, _says("The port published on the toolbox.")]
     container_port: Annotated[int | None, _says("The port it listens on inside its container.")]
     capabilities: list[str] | None

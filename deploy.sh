@@ -44,6 +44,8 @@ gcp options (flags win over the environment):
                          sweep: they are given the URL of the worker deployed before)
   --min-instances N      [0]      --max-instances N   [20]     --concurrency N  [40]
   --cpu N                [1]      --memory SIZE       [256Mi]  --timeout SECS   [60s]
+  --status-concurrency N requests one mcp_status instance takes at once, each a gunicorn thread
+                         (THREADS): watchers hold theirs up to WATCH_MAX_SECONDS (docs/watch.md) [250]
   --worker-timeout SECS  timeout of dtma_command_worker (the others get --timeout); at least
                          COMMAND_DISPATCH_DEADLINE_SECONDS, at most 3600          [1800s]
   --runtime-sa EMAIL     runtime service account  [mcp-functions@PROJECT.iam.gserviceaccount.com]
@@ -93,8 +95,45 @@ ensure_venv() {
   PYTHON=$venv/bin/python
 }
 
+# tests/test_web_console.py drives Debian's chromium (never a browser Playwright downloads) against the
+# console in web/, whose supabase-js comes from npm (web/package-lock.json). As root (CI: a fresh machine
+# with only Python) both are installed when missing, and failing to is an error; otherwise a missing one is
+# named here and the test skips saying why.
+APT_PACKAGES_INSTALLED=0
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  if ((APT_PACKAGES_INSTALLED == 0)); then apt-get update -qq >&2 || return 1; APT_PACKAGES_INSTALLED=1; fi
+  apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+ensure_web_test_tools() {
+  local root=0
+  [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && root=1
+  if [[ ! -x /usr/bin/chromium ]]; then
+    if ((root)); then
+      echo "installing Debian's chromium for tests/test_web_console.py" >&2
+      apt_install chromium || { echo "apt-get install chromium failed" >&2; return 1; }
+    else
+      echo "note: /usr/bin/chromium is missing, so tests/test_web_console.py will skip (sudo apt-get install -y chromium)" >&2
+    fi
+  fi
+  [[ -f $ROOT/web/node_modules/@supabase/supabase-js/dist/umd/supabase.js && -f $ROOT/web/node_modules/axe-core/axe.min.js ]] \
+    && return 0
+  if ! command -v npm >/dev/null && ((root)); then
+    echo "installing Debian's npm for web/'s locked packages" >&2
+    apt_install npm || { echo "apt-get install npm failed" >&2; return 1; }
+  fi
+  if command -v npm >/dev/null; then
+    (cd "$ROOT/web" && npm ci --no-audit --no-fund --loglevel=error >&2) \
+      || { echo "npm ci in web/ failed (is the npm registry reachable?)" >&2; ((root == 0)) || return 1; }
+  else
+    echo "note: npm is missing, so web/node_modules cannot be installed and tests/test_web_console.py will skip" >&2
+  fi
+}
+
 cmd_test() {
   ensure_venv dev
+  ensure_web_test_tools
   cd "$ROOT"
   "$PYTHON" -m ruff check .
   "$ROOT/.venv/bin/lint-imports"
@@ -103,6 +142,10 @@ cmd_test() {
 
 cmd_local() {
   ensure_venv
+  # The web console at / loads supabase-js from web/node_modules (docs/web-console.md).
+  if [[ ! -f $ROOT/web/node_modules/@supabase/supabase-js/dist/umd/supabase.js ]] && command -v npm >/dev/null; then
+    (cd "$ROOT/web" && npm ci --no-audit --no-fund --loglevel=error >&2) || echo "npm ci in web/ failed: the console at / cannot load supabase-js" >&2
+  fi
   exec "$PYTHON" -m devstack.stack "$@"
 }
 
@@ -194,7 +237,7 @@ SA_EMAIL='^[a-z0-9][a-z0-9._-]*@[a-z0-9-]+(\.[a-z0-9-]+)+$'
 
 cmd_gcp() {
   local project=${GCP_PROJECT:-${GOOGLE_CLOUD_PROJECT:-}} region=${GCP_REGION:-us-central1}
-  local min_instances=0 max_instances=20 concurrency=40 cpu=1 timeout=60s
+  local min_instances=0 max_instances=20 concurrency=40 cpu=1 timeout=60s status_concurrency=250
   # 256Mi: docs/benchmarks.md measures each function's peak RSS (target < 160 MiB) under load;
   # keep the headroom when changing this figure.
   local memory=256Mi
@@ -223,6 +266,7 @@ cmd_gcp() {
       --min-instances) min_instances=$val ;;
       --max-instances) max_instances=$val ;;
       --concurrency) concurrency=$val ;;
+      --status-concurrency) status_concurrency=$val ;;
       --memory) memory=$val ;;
       --cpu) cpu=$val ;;
       --timeout) timeout=$val ;;
@@ -262,6 +306,9 @@ cmd_gcp() {
   fi
   if ! [[ $concurrency =~ ^[1-9][0-9]*$ ]] || ((concurrency > 1000)); then
     problems+=("--concurrency: '$concurrency' is not in 1..1000")
+  fi
+  if ! [[ $status_concurrency =~ ^[1-9][0-9]*$ ]] || ((status_concurrency > 1000)); then
+    problems+=("--status-concurrency: '$status_concurrency' is not in 1..1000")
   fi
   [[ $cpu =~ ^[0-9]+(\.[0-9]+)?$ ]] || problems+=("--cpu: '$cpu' is not a number of vCPUs")
   [[ $memory =~ ^[1-9][0-9]*(Mi|Gi)$ ]] || problems+=("--memory: '$memory' is not like 256Mi or 1Gi")
@@ -501,7 +548,16 @@ function_deploy_command() {
   if [[ ${access[i]} == public ]]; then deploy+=(--allow-unauthenticated)
   else deploy+=(--no-allow-unauthenticated)
   fi
-  deploy+=(--set-env-vars="$2")
+  # mcp_status serves watch streams (docs/watch.md), each holding a request and a gunicorn thread for up to
+  # WATCH_MAX_SECONDS: as many threads as requests (functions-framework's default is 4 per vCPU).
+  local env=$2
+  if [[ ${entries[i]} == mcp_status ]]; then
+    if [[ $env == '^'?'^'* ]]; then env+="${env:1:1}THREADS=$status_concurrency"
+    elif [[ -n $env ]]; then env+=",THREADS=$status_concurrency"
+    else env="THREADS=$status_concurrency"
+    fi
+  fi
+  deploy+=(--set-env-vars="$env")
   if [[ -n ${secret_refs[i]} ]]; then deploy+=(--set-secrets="${secret_refs[i]}")
   else deploy+=(--clear-secrets)
   fi
@@ -510,6 +566,7 @@ function_deploy_command() {
   # command would wait behind slow pulls for a free thread. More commands, more instances.
   local taken=$concurrency
   if [[ ${entries[i]} == "$WORKER" ]]; then taken=$((4 * ${cpu%%.*} > 4 ? 4 * ${cpu%%.*} : 4)); fi
+  if [[ ${entries[i]} == mcp_status ]]; then taken=$status_concurrency; fi
   deploy+=(--min-instances="$min_instances" --max-instances="$max_instances" --concurrency="$taken"
     --cpu="$cpu" --memory="$memory")
   if [[ ${entries[i]} == "$WORKER" ]]; then deploy+=(--timeout="$worker_timeout")
@@ -613,6 +670,18 @@ summary() {
       local metrics
       printf -v metrics '%s, ' "${metric_names[@]}"
       printf '%sLog-based metrics (in Metrics Explorer as logging/user/NAME): %s.\n' "$prefix" "${metrics%, }"
+    fi
+    # The web app reaches the user-facing functions (public, but not the agents' heartbeat) through one
+    # FunctionsClient whose base URL is the project's cloudfunctions.net address (docs/web-app.md).
+    local -a web=()
+    for i in "${!entries[@]}"; do
+      if [[ ${access[i]} == public && ${entries[i]} != dtma_heartbeat_ingest ]]; then web+=("${names[i]}"); fi
+    done
+    if ((${#web[@]})); then
+      local called
+      printf -v called '%s, ' "${web[@]}"
+      printf '%sWeb app (docs/web-app.md): new FunctionsClient('"'"'https://%s-%s.cloudfunctions.net'"'"') invokes %s.\n' \
+        "$prefix" "$region" "$project" "${called%, }"
     fi
     if [[ -v "urls[dtma_heartbeat_ingest]" ]]; then
       printf '%sOn every toolbox, put this line in /etc/dtma.conf, then restart dtma.service:\n' "$prefix"

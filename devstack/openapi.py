@@ -31,6 +31,7 @@ from referencing.jsonschema import DRAFT202012
 
 from shared.core import lifecycle
 from shared.core.models import ActionRequest, DeployRequest
+from shared.core.plan_body import PlanDeployBody
 from shared.usecases.reports import ContainerSummary, Heartbeat, InstanceReport
 from shared.usecases.status_query import MAX_LIMIT, StatusRequest
 from shared.usecases.view_models import ProgressEvent, ServerView, ToolboxSummary
@@ -126,6 +127,14 @@ COUNT = {"type": "integer", "minimum": 0}
 def _schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     schemas["DeployRequest"] = _model_schema(DeployRequest, schemas)
+    plan = _model_schema(PlanDeployBody, schemas)
+    plan["description"] = (
+        "The body Agentopia's plan has MCPService.deployServer send (deployToolToToolbox's arguments), "
+        "recognised by `baseConfigOverrideJson`. The container name is derived from `instanceNameOnToolbox` "
+        "(lower-case ASCII, other characters become '-', at most 63) and the typed text is kept as "
+        "`discovery_metadata.display_name`; `toolCatalogId` must be the generic MCP catalog entry; "
+        "fields of the flat request beside `baseConfigOverrideJson` are refused (400 mixed_shapes).")
+    schemas["PlanDeployRequest"] = plan
     schemas["ActionRequest"] = _model_schema(ActionRequest, schemas)
     schemas["StatusRequest"] = _model_schema(StatusRequest, schemas)
     heartbeat = _model_schema(Heartbeat, schemas)
@@ -210,6 +219,21 @@ def _schemas() -> dict[str, Any]:
         },
         "One of the caller's toolboxes (mcp_status/toolboxes).",
     )
+    schemas["WatchAnswer"] = _strict(
+        {
+            # Items are Servers; not a $ref here, so that a wrong list page is reported against ServerList
+            # (the closest anyOf branch) rather than tied between two lists of servers.
+            "servers": {"type": "array", "items": {"type": "object"},
+                        "description": "Server objects (as in ServerList): every server (snapshot) or those that "
+                        "changed since `since`."},
+            "removed": {"type": "array", "items": UUID, "description": "Ids of servers gone since `since`."},
+            "cursor": {"type": "string", "description": "Pass back as `since` (opaque)."},
+            "as_of": _nullable(TIMESTAMP),
+            "snapshot": {"type": "boolean", "description": "true: `servers` is the whole list (no `since` given)."},
+        },
+        "mcp_status?watch=true as long-poll (docs/watch.md). With `Accept: text/event-stream` the same bodies "
+        "arrive as Server-Sent Events `snapshot` and `changes`, then `end`.",
+    )
     schemas["ToolboxList"] = _strict({"toolboxes": {"type": "array", "items": _ref("Toolbox")}, "as_of": TIMESTAMP})
     schemas["ServerOne"] = _strict(
         {"server": _ref("Server"), "as_of": TIMESTAMP, "refresh": refresh}, optional=("refresh",)
@@ -267,13 +291,16 @@ ERRORS: dict[str, str] = {
     "409": "Conflicts with the current state: the state machine refuses the action (the message names the "
     "current status), a name or port is taken, the toolbox is not usable, an Idempotency-Key was reused "
     "with another body.",
+    "410": "mcp_status?watch=true: the `since` cursor is older than the changes kept (`cursor_expired`); "
+    "reconnect without `since` for a fresh snapshot.",
     "413": "The body is larger than MAX_BODY_BYTES (`payload_too_large`).",
     "415": "The body is not `application/json` (`unsupported_media_type`).",
     "422": "Unknown fields (`unknown_fields`, listed in `details.fields`): typos are never ignored.",
     "500": "An unexpected fault; the message quotes the request id.",
     "502": "The toolbox agent failed or refused (`toolbox_unreachable`, `toolbox_failed`, "
     "`image_pull_failed`, `container_exited`, ...); `details.server` is the record as it now stands.",
-    "503": "The database or the signing keys are unreachable (`unavailable`); retry after `Retry-After` seconds.",
+    "503": "The database or the signing keys are unreachable (`unavailable`), or this instance holds "
+    "WATCH_MAX_PER_INSTANCE watchers (`too_many_watchers`); retry after `Retry-After` seconds.",
 }
 
 
@@ -360,14 +387,27 @@ def _paths() -> dict[str, Any]:
             "schema": {"type": "boolean", "default": False},
             "description": "Also ask each toolbox's DTMA (GET /tools/status) and apply what it says.",
         },
+        {
+            "name": "watch",
+            "in": "query",
+            "schema": {"type": "boolean", "default": False},
+            "description": "Watch the servers (docs/watch.md): Server-Sent Events with `Accept: text/event-stream`, "
+            "else long-poll (answers WatchAnswer).",
+        },
+        {"name": "since", "in": "query", "schema": STRING,
+         "description": "watch=true: the `cursor` of the previous watch answer or event; 410 when too old."},
+        {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0, "default": 25},
+         "description": "watch=true long-poll: seconds to wait for a change (at most WATCH_MAX_SECONDS)."},
     ]
     status_ok = {
         "200": _body(
-            {"anyOf": [_ref("ServerList"), _ref("ServerOne")]},
-            "A page of servers, or one server when `id` is given.",
+            {"anyOf": [_ref("ServerList"), _ref("ServerOne"), _ref("WatchAnswer")]},
+            "A page of servers, one server when `id` is given, or a watch answer (watch=true).",
         )
     }
-    status_errors = ("400", "401", "404", "405", "413", "415", "422", "500", "503")
+    status_ok["200"]["content"]["text/event-stream"] = {
+        "schema": {"type": "string", "description": "watch=true with Accept: text/event-stream (docs/watch.md)."}}
+    status_errors = ("400", "401", "404", "405", "410", "413", "415", "422", "500", "503")
     heartbeat = {
         "summary": "A DTMA agent's heartbeat",
         "tags": ["agents"],
@@ -392,7 +432,8 @@ def _paths() -> dict[str, Any]:
                 "at once; the command worker holds the toolbox agent's synchronous `POST /tools` as long as "
                 "the pull takes and records `running`, or `error` with the agent's reason, the moment it "
                 "answers.",
-                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DeployRequest")}}},
+                "requestBody": {"required": True, "content": {JSON: {"schema": {
+                    "oneOf": [_ref("DeployRequest"), _ref("PlanDeployRequest")]}}}},
                 "responses": _responses(accepted, USER_ERRORS),
             },
             "options": _preflight("deploy_mcp_server"),

@@ -97,6 +97,9 @@ class Dispatcher:
         self._apps: dict[str, WSGIApp] = {}
         self._aliases = {alias: name for name in self.names for alias in (name, name.replace("_", "-"))}
         self.base_url = ""
+        #: The web console (devstack.web.WebConsole), set once the demo user exists; its paths never
+        #: shadow a function's (functions are routed first).
+        self.web: Any = None
 
     def mount(self, mounted: Mounted) -> None:
         self._apps[mounted.name] = mounted.app
@@ -127,6 +130,7 @@ class Dispatcher:
                 for name in self.names
             },
             "openapi": f"{base}/openapi.json",
+            "web_console": f"{base}/",
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -147,6 +151,8 @@ class Dispatcher:
             scoped["PATH_INFO"] = rest or "/"  # never empty: Flask would answer 308 (module docstring)
             return app(scoped, start_response)
         method = environ.get("REQUEST_METHOD", "GET")
+        if self.web is not None and self.web.handles(path, environ):
+            return self.web(environ, start_response)
         if path in ("/", PREFIX, PREFIX + "/") and method in ("GET", "HEAD"):
             return _json("200 OK", self.index(), start_response)
         if path == "/openapi.json" and method in ("GET", "HEAD"):

@@ -476,6 +476,7 @@ class Stack:
             "DATABASE_KIND": "embedded" if db.embedded is not None else "external",
             "LOG_FILE": str(log_file),
         }
+        self.env["DEMO_USER_PASSWORD"] = self._mount_web_console(seeded.user_id, secrets.jwt_secret)
         if opts.sweep_oidc:
             # A sweep by hand needs what the scheduler sends: an ID token of its account (24 h here).
             self.env["SWEEP_TOKEN"] = tasks.mint_token(f"{functions_url}/mcp_status_sweep", SWEEP_INVOKER_SA,
@@ -488,6 +489,19 @@ class Stack:
         )
         self.db = db
         self.print_banner()
+
+    def _mount_web_console(self, user_id: str, jwt_secret: str) -> str:
+        """Serve web/ at `/` with its config and the demo user's sign-in (devstack/web.py); the password."""
+        from devstack import web
+
+        password = web.demo_password(self.options.state_dir)
+        self.dispatcher.web = web.WebConsole(
+            base_url=self.base_url, anon_key=self.env["SUPABASE_ANON_KEY"], jwt_secret=jwt_secret,
+            user=web.DemoUser(user_id=user_id, email=seed.DEMO_EMAIL, password=password))
+        missing = web.bundle_missing()
+        if missing:
+            self.say(f"    web console: {missing}")
+        return password
 
     def _start_cloud_tasks(self) -> Any:
         from devstack.cloud_tasks import CloudTasksEmulator
@@ -543,6 +557,8 @@ class Stack:
             f"                  {COMMAND_QUEUE.rsplit('/', 1)[-1]} -> {COMMAND_WORKER}; "
             "tasks: GET /_emulator/tasks)",
             f"  demo user       {env['DEMO_USER_EMAIL']}  {env['DEMO_USER_ID']}",
+            f"  web console     {self.base_url}/  (sign in as {env['DEMO_USER_EMAIL']}, password "
+            f"{env.get('DEMO_USER_PASSWORD', '')})",
             f"  stack.env       {rel}  (all of the above: set -a; . {rel}; set +a)",
             f"  logs            stderr, and {_relative(Path(env['LOG_FILE']))}",
             "",

@@ -251,6 +251,9 @@ def test_dry_run_prints_the_whole_plan_and_runs_nothing(tree: Path, env_file: Pa
         assert ("--no-allow-unauthenticated" in argv) is not public
         assert flag(argv, "--timeout") == ("1800s" if entry == WORKER else "60s")
         expected_env = {k: v for k, v in env.items() if entry in readers(k)}
+        if entry == "mcp_status":  # watch streams hold a gunicorn thread each: as many as --status-concurrency
+            expected_env["THREADS"] = "250"
+            assert flag(argv, "--concurrency") == "250"
         assert parse_dict_flag(flag(argv, "--set-env-vars")) == expected_env
         expected_secrets = {k: v for k, v in DEFAULT_SECRETS.items() if entry in readers(k)}
         assert parse_dict_flag(flag(argv, "--set-secrets")) == expected_secrets
@@ -938,3 +941,31 @@ def test_shellcheck_clean(script: Path) -> None:
         pytest.skip("shellcheck is not installed (the dev extra installs it: pip install -e '.[dev]')")
     result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+# --- docs/web-app.md tells the web app what deploy.sh creates ------------------------------------------
+
+def test_the_web_app_doc_names_what_deploy_sh_creates(tree: Path, env_file: Path, log: Path) -> None:
+    """The FunctionsClient base URL and the function names docs/web-app.md gives the web app are the
+    ones a deploy prints and deploys, so the doc cannot drift from deploy.sh."""
+    result = deploy(tree, log, *complete_args(env_file, "--region", "europe-west1"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("# Web app (docs/web-app.md): ")]
+    printed = re.fullmatch(r"# Web app \(docs/web-app\.md\): new FunctionsClient\('(\S+)'\) invokes (.+)\.", line)
+    assert printed, line
+    assert printed.group(1) == f"https://europe-west1-{PROJECT}.cloudfunctions.net"
+    invoked = printed.group(2).split(", ")
+    deployed = deploys(planned(result.stdout))
+    # Each is a function deploy.sh deploys, publicly reachable, with its snake_case entry point.
+    for name in invoked:
+        assert "--allow-unauthenticated" in deployed[name] and flag(deployed[name], "--entry-point") == name.replace(
+            "-", "_")
+    doc = (REPO / "docs" / "web-app.md").read_text()
+    table = doc.split("## The functions it calls", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `([a-z-]+)` \| `([a-z_]+)` \|", table, re.M)
+    assert [name for name, _ in rows] == invoked
+    assert all(local == name.replace("-", "_") for name, local in rows)
+    assert "`https://REGION-PROJECT.cloudfunctions.net`" in doc
+    # Every call in the doc's code goes to one of them.
+    called = {c.split("/")[0].split("?")[0] for c in re.findall(r"functions\.invoke\('([^']+)'", doc)}
+    assert called and called <= set(invoked), called

@@ -19,6 +19,13 @@ from typing import Any
 import pytest
 
 from devstack.launcher import StackProcess
+from devstack.server import Dispatcher, HttpServer, load_function
+from ops.gcp_package import function_name
+from shared import runtime
+from shared.core.config import ALL_FUNCTIONS, DEPLOY, MANAGE, STATUS
+from tests.conftest import JWT_SECRET
+from tests.helpers import base_env
+from tests.jwt_helpers import mint_hs256
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 PINNED = {"@supabase/functions-js": "2.109.0", "@supabase/supabase-js": "2.109.0", "ws": None}
@@ -145,3 +152,89 @@ def test_preflight_allows_what_supabase_js_sends(observed: dict[str, Any]) -> No
     # Everything supabase-js's own CORS helper says its clients may send.
     assert {h.strip().lower() for h in preflight["sdkHeaders"].split(",")} <= allowed
     assert "POST" in preflight["allowMethods"]
+
+
+# --- Google Cloud's URL layout, and the plan's body verbatim (tests/js/gcp_layout.mjs) -------------
+# On Google Cloud each function is at https://REGION-PROJECT.cloudfunctions.net/<service name>, the
+# kebab-case names deploy.sh gives them (docs/web-app.md). A loopback server that mounts each function
+# at /<name> is that layout with another host, so a FunctionsClient whose base URL is its root calls
+# the functions exactly as the web app calls the deployed ones. CORS is an allowlist there, as it
+# should be in production (docs/configuration.md CORS_ALLOWED_ORIGINS).
+
+ALLOWED_ORIGIN = "https://app.example.com"
+OTHER_ORIGIN = "https://evil.example.net"
+
+
+@pytest.fixture
+def gcp_layout(node_modules: None, database_url: str, toolbox_agent: Any,
+               monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Serve every function at /<name> and /functions/v1/<name> on loopback, configured like a
+    deployment with an origin allowlist; run tests/js/gcp_layout.mjs against it; its observations."""
+    box, _ = toolbox_agent()
+    for key, value in {**base_env(database_url), "CORS_ALLOWED_ORIGINS": ALLOWED_ORIGIN,
+                       "TASKS_MODE": "inline"}.items():
+        monkeypatch.setenv(key, value)
+    runtime.reset()
+    functions_dir = Path(__file__).resolve().parents[1] / "functions"
+    dispatcher = Dispatcher(ALL_FUNCTIONS, openapi=dict)
+    for name in ALL_FUNCTIONS:
+        dispatcher.mount(load_function(name, functions_dir))
+    server = HttpServer("127.0.0.1", 0, dispatcher)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    names = {"deploy": function_name(DEPLOY), "manage": function_name(MANAGE), "status": function_name(STATUS)}
+    try:
+        done = subprocess.run(
+            ["node", str(JS_DIR / "gcp_layout.mjs")], cwd=JS_DIR, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "FUNCTIONS_BASE": base, "SUPABASE_URL": base,
+                 "SUPABASE_ANON_KEY": mint_hs256(JWT_SECRET, sub=None, role="anon"),
+                 "USER_JWT": mint_hs256(JWT_SECRET, sub=box.user_id), "TOOLBOX_ID": box.id,
+                 "ALLOWED_ORIGIN": ALLOWED_ORIGIN, "OTHER_ORIGIN": OTHER_ORIGIN, "FUNCTION_NAMES": json.dumps(names)})
+    finally:
+        server.stop()
+        runtime.reset()
+    assert done.returncode == 0, f"gcp_layout.mjs failed:\n{done.stderr}\n{done.stdout}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_functions_client_on_the_cloudfunctions_layout(gcp_layout: dict[str, Any]) -> None:
+    seen = gcp_layout["gcp"]
+    server = ok(seen["deploy"], 202)  # the plan's body, to deploy-mcp-server
+    assert server["name"].startswith("weather-api-server-")
+    assert server["discovery_metadata"]["display_name"].startswith("Weather API Server ")
+    assert ok(seen["settled"], 200)["server"]["status"] == "running"
+    assert server["id"] in [s["id"] for s in ok(seen["list"], 200)["servers"]]
+    assert ok(seen["stop"], 200)["status"] == "stopped"
+    assert ok(seen["remove"], 200)["status"] == "removed"
+    # Every answer names the allowed page's origin, so a browser hands it over.
+    assert {seen[k]["allowOrigin"] for k in ("deploy", "settled", "list", "stop", "remove")} == {ALLOWED_ORIGIN}
+
+
+def test_errors_on_the_cloudfunctions_layout_carry_the_sentence_and_the_fix(gcp_layout: dict[str, Any]) -> None:
+    seen = gcp_layout["gcp"]
+    bad = http_error(seen["badName"], 400, "invalid_request")
+    assert bad["details"]["suggested_name"] == "meteo-server-1"
+    assert bad["message"].endswith("; use 'meteo-server-1'")
+    taken = http_error(seen["taken"], 409, "conflict")
+    assert taken["details"]["suggested_name"] == f"{seen['deploy']['data']['name']}-2"
+    assert seen["badName"]["allowOrigin"] == ALLOWED_ORIGIN  # errors too reach the page
+
+
+def test_cors_allows_the_listed_origin_only(gcp_layout: dict[str, Any]) -> None:
+    allowed, other = gcp_layout["preflightAllowed"], gcp_layout["preflightOther"]
+    assert 200 <= allowed["status"] < 300 and allowed["allowOrigin"] == ALLOWED_ORIGIN, allowed
+    headers = {h.strip().lower() for h in allowed["allowHeaders"].split(",")}
+    assert {h.strip().lower() for h in allowed["sdkHeaders"].split(",")} <= headers
+    assert "POST" in allowed["allowMethods"] and "Origin" in allowed["vary"]
+    # Another origin gets no Access-Control-Allow-Origin: its browser refuses the call.
+    assert other["allowOrigin"] is None and gcp_layout["gcp"]["otherOrigin"]["allowOrigin"] is None
+
+
+def test_the_plans_body_verbatim_through_supabase_js(gcp_layout: dict[str, Any]) -> None:
+    seen = gcp_layout["supabaseJs"]
+    server = ok(seen["deploy"], 202)
+    assert server["name"].startswith("meteo-server-") and server["transport"] == "streamable_http"
+    assert server["discovery_metadata"]["templateId"] == "everything"
+    assert ok(seen["settled"], 200)["server"]["status"] == "running"
+    assert http_error(seen["mixed"], 400, "mixed_shapes")["details"]["fields"] == ["image"]
+    assert ok(seen["remove"], 200)["status"] == "removed"

@@ -16,11 +16,12 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import flask
+from pydantic_core import from_json, to_json
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from shared.core.config import Settings
@@ -45,6 +46,21 @@ class Reply:
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A streamed success (Server-Sent Events): `chunks` is sent as the client reads it, unbuffered.
+
+    The server closes `chunks` when it ends or when the client goes (the next write fails), and
+    closing must release whatever the stream holds: give it a `close()` that works even before
+    the first chunk (a generator that never started runs no `finally`). The request's log line is
+    written when the stream closes, with its real duration."""
+
+    chunks: Iterable[bytes]
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    mimetype: str = "text/event-stream"
 
 
 @dataclass
@@ -174,6 +190,48 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
+_SLOW = object()
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\{\}|\[\]")
+
+
+def _fast_loads(raw: bytes) -> Any:
+    """`raw` parsed by pydantic-core's JSON parser (Rust, ~6x faster than `json` with the hooks below),
+    or `_SLOW` when the strict path must decide (and word the refusal).
+
+    The parser itself refuses invalid UTF-8, NaN/Infinity, control characters and trailing data. A
+    body with a `\\u` escape (the only way to write U+0000 or a lone surrogate) goes the slow way.
+    Duplicate keys, which this parser silently collapses, are found by counting colons: outside
+    strings, each `:` of a body separates one key from its value, and an escape cannot write a
+    colon here (bodies with `\\u` never come this way), so the body has as many colons as the parsed
+    value written back as JSON unless a key was repeated.
+    """
+    if b"\\u" in raw:
+        return _SLOW
+    try:
+        value = from_json(raw, allow_inf_nan=False)
+    except ValueError:
+        return _SLOW
+    if not isinstance(value, dict | list):
+        return value if b":" not in raw else _SLOW
+    written = to_json(value)
+    if raw.count(b":") != written.count(b":"):
+        return _SLOW
+    # Depth: the value written back has no escaped quote unless a string holds one, so splitting it at
+    # quotes leaves the text outside strings; of that, the brackets; each pass below removes the
+    # innermost pairs, one nesting level. Near the limit the strict path measures it exactly.
+    if b'\\"' in written:
+        return _SLOW
+    shape = b"".join(written.split(b'"')[0::2]).translate(None, _NOT_BRACKETS)
+    levels = 0
+    while shape:
+        levels += 1
+        if levels >= MAX_JSON_DEPTH - 1:
+            return _SLOW
+        shape = _INNERMOST.sub(b"", shape)
+    return value
+
+
 def decode_json(request: flask.Request, raw: bytes, *, required: bool = True) -> Any:
     """`raw` parsed as JSON, refusing what a lenient parser would let through.
 
@@ -187,6 +245,9 @@ def decode_json(request: flask.Request, raw: bytes, *, required: bool = True) ->
     mimetype = request.mimetype or ""
     if mimetype and mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, not {mimetype}")
+    fast = _fast_loads(raw)
+    if fast is not _SLOW:
+        return fast
     try:
         text = raw.decode("utf-8")
         value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
@@ -288,7 +349,7 @@ def serve(
     request: flask.Request,
     function_name: str,
     settings: Settings,
-    handler: Callable[[Call], Reply],
+    handler: Callable[[Call], Reply | Stream],
     *,
     methods: Collection[str],
     cors: bool = True,
@@ -306,6 +367,7 @@ def serve(
     if cors:
         headers.update(cors_headers(request, settings.cors_origins))
     call = Call(request, settings, request_id, subpath(request, function_name))
+    streaming = False
     if request.method == "OPTIONS" and cors:
         response = _render(204, None, headers)
     elif request.method not in methods:
@@ -315,7 +377,12 @@ def serve(
     else:
         try:
             reply = handler(call)
-            response = _render(reply.status, reply.body, {**headers, **reply.headers})
+            if isinstance(reply, Stream):
+                response = flask.Response(reply.chunks, status=reply.status, headers={**headers, **reply.headers},
+                                          mimetype=reply.mimetype)
+                streaming = True
+            else:
+                response = _render(reply.status, reply.body, {**headers, **reply.headers})
         except ApiError as err:
             if isinstance(err, ServiceUnavailable):
                 log.warning("%s unavailable: %s", function_name, err.message)
@@ -325,10 +392,18 @@ def serve(
             err = ApiError(500, "internal", f"internal error; quote request id {request_id} when reporting it")
             response = _render(500, err.body(), headers)
     _seal_body(call, response)
-    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
-    fields = {"request_id": request_id, "function": function_name, "method": request.method,
-              "path": call.path, "status": response.status_code, "duration_ms": elapsed_ms, **call.log_fields}
-    level = logging.DEBUG if call.routine and response.status_code < 400 else logging.INFO
-    log.log(level, "%s %s %s -> %s in %.1f ms", function_name, request.method, call.path, response.status_code,
-            elapsed_ms, extra={"json_fields": fields})
+    method, status = request.method, response.status_code
+
+    def log_line() -> None:
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+        fields = {"request_id": request_id, "function": function_name, "method": method,
+                  "path": call.path, "status": status, "duration_ms": elapsed_ms, **call.log_fields}
+        level = logging.DEBUG if call.routine and status < 400 else logging.INFO
+        log.log(level, "%s %s %s -> %s in %.1f ms", function_name, method, call.path, status,
+                elapsed_ms, extra={"json_fields": fields})
+
+    if streaming:
+        response.call_on_close(log_line)  # when the stream ends or its client goes
+    else:
+        log_line()
     return response

@@ -9,11 +9,19 @@ failing on the first request that happens to need the value.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEPLOY = "deploy_mcp_server"
 MANAGE = "manage_mcp_server"
@@ -47,10 +55,19 @@ def _setting(default: Any, description: str, used_by: Iterable[str] = ALL_FUNCTI
     return Field(default, description=description, json_schema_extra={"used_by": list(used_by)}, **kwargs)
 
 
-class Settings(BaseSettings):
-    """All settings of all functions. Secrets are SecretStr so they never print."""
+class Settings(BaseModel):
+    """All settings of all functions. Secrets are SecretStr so they never print.
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=True, populate_by_name=True)
+    Read from the environment (`Settings()`, `load_settings`): each variable is named exactly like
+    its field (or one of its aliases), and every field is a scalar that pydantic converts from the
+    variable's text. That is all pydantic-settings did here, at ~60 ms of every cold start.
+    """
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    def __init__(self, **values: Any) -> None:
+        # Like pydantic-settings: the environment, overridden by explicit arguments.
+        super().__init__(**{**_from_environment(os.environ), **values})
 
     # --- database -------------------------------------------------------------------------
     DATABASE_URL: SecretStr | None = _setting(
@@ -153,15 +170,17 @@ class Settings(BaseSettings):
     ALLOW_PRIVILEGED_PORTS: bool = _setting(False, "Allow host ports below 1024.", (DEPLOY,))
 
     # --- liveness and deadlines -------------------------------------------------------------------
-    HEARTBEAT_INTERVAL_SECONDS: int = _setting(60, "The DTMA's heartbeat period.", (STATUS, SWEEP), ge=1)
+    HEARTBEAT_INTERVAL_SECONDS: int = _setting(60, "The DTMA's heartbeat period.", (STATUS, SWEEP, HEARTBEAT), ge=1)
     HEARTBEAT_GRACE_SECONDS: int = _setting(
-        30, "Slack on top of 3 missed heartbeats before a toolbox is stale/unresponsive.", (STATUS, SWEEP), ge=0)
+        30, "Slack on top of 3 missed heartbeats before a toolbox is stale/unresponsive.",
+        (STATUS, SWEEP, HEARTBEAT), ge=0)
     FIRST_CONTACT_GRACE_SECONDS: int = _setting(
         900, "How long a new toolbox may wait for its first heartbeat.", (SWEEP,), ge=1)
     DEPLOY_DEADLINE_SECONDS: int = _setting(600, "A deploy not seen running by then fails.", (SWEEP,), ge=1)
     ACTION_DEADLINE_SECONDS: int = _setting(120, "Deadline of start/stop/restart/remove.", (SWEEP,), ge=1)
     HEALTH_DEGRADED_AFTER_SECONDS: int = _setting(
-        150, "Heartbeat age after which a running server's health is `degraded`.", (STATUS,), ge=1)
+        150, "Heartbeat age after which a running server's health is `degraded`.", (STATUS, HEARTBEAT),
+        ge=1)
     SWEEP_BATCH_SIZE: int = _setting(500, "Most rows one sweep changes per kind.", (SWEEP,), ge=1)
     SWEEP_GUARD_FRACTION: float = _setting(
         0.5, "If more than this fraction of active toolboxes would turn unresponsive at once, none do.",
@@ -216,6 +235,24 @@ class Settings(BaseSettings):
     IDEMPOTENCY_SECRET_PREVIOUS: SecretStr | None = _setting(
         None, "The IDEMPOTENCY_SECRET before a rotation: retries fingerprinted with it still match. Keep it for "
         "IDEMPOTENCY_TTL_SECONDS after rotating, then remove it.", (DEPLOY, MANAGE))
+
+    # --- the watch stream (mcp_status?watch=true, docs/watch.md) ---------------------------------------
+    WATCH_MAX_SECONDS: int = _setting(
+        50, "Lifetime of one watch request (SSE stream or long-poll), after which it ends with its cursor and the "
+        "client reconnects. Keep it under the function's request timeout (deploy.sh: 60 s).", (STATUS,), ge=1, le=3600)
+    WATCH_KEEPALIVE_SECONDS: float = _setting(
+        15.0, "A `: keep-alive` comment after this much silence on an SSE stream (proxies close idle "
+        "connections).", (STATUS,), gt=0)
+    WATCH_POLL_SECONDS: float = _setting(
+        2.0, "Without LISTEN (the `supabase` transport, or a DATABASE_URL on Supabase's transaction pooler and no "
+        "WATCH_DATABASE_URL), how often each watcher reads the change log.", (STATUS,), gt=0, le=60)
+    WATCH_MAX_PER_INSTANCE: int = _setting(
+        1000, "Watchers one function instance holds at once; more are answered 503 with Retry-After (another "
+        "instance takes them).", (STATUS,), ge=1, le=100_000)
+    WATCH_DATABASE_URL: SecretStr | None = _setting(
+        None, "PostgreSQL URL of the one LISTEN connection per instance (default: DATABASE_URL). LISTEN needs a "
+        "session: on Supabase, the session pooler (port 5432) or the direct connection, not the transaction pooler "
+        "(6543).", (STATUS,))
 
     # --- logging ----------------------------------------------------------------------------------
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting("INFO", "Log level.")
@@ -293,7 +330,7 @@ class Settings(BaseSettings):
         """Every configured secret, for the log redactor."""
         secrets = [self.DATABASE_URL, self.SUPABASE_SERVICE_ROLE_KEY, self.SUPABASE_JWT_SECRET,
                    self.DTMA_KEY_SECRET, self.BACKEND_TO_DTMA_API_KEY, self.IDEMPOTENCY_SECRET,
-                   self.IDEMPOTENCY_SECRET_PREVIOUS]
+                   self.IDEMPOTENCY_SECRET_PREVIOUS, self.WATCH_DATABASE_URL]
         return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
 
     def problems_for(self, function: str) -> list[str]:
@@ -344,6 +381,12 @@ class Settings(BaseSettings):
         return []
 
 
+# Environment names a setting may also be given by (validation_alias choices other than the field's own name).
+_ALIASES = frozenset(
+    choice for name, info in Settings.model_fields.items() if isinstance(info.validation_alias, AliasChoices)
+    for choice in info.validation_alias.choices if isinstance(choice, str) and choice != name)
+
+
 def _describe(error: ValidationError) -> list[str]:
     out = []
     for item in error.errors():
@@ -352,14 +395,15 @@ def _describe(error: ValidationError) -> list[str]:
     return out
 
 
+def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that name a setting (a field or an alias), as given."""
+    return {k: v for k, v in environ.items() if k in Settings.model_fields or k in _ALIASES}
+
+
 def load_settings(function: str | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Read and validate the settings, raising one ConfigError that lists every problem."""
     try:
-        if environ is None:
-            settings = Settings()
-        else:
-            fields = {k: v for k, v in environ.items() if k in Settings.model_fields or k == "SUPABASE_SECRET_KEY"}
-            settings = Settings.model_validate(fields)
+        settings = Settings.model_validate(_from_environment(os.environ if environ is None else environ))
     except ValidationError as exc:
         raise ConfigError("invalid configuration: " + "; ".join(_describe(exc))) from None
     problems = settings.problems_for(function) if function else []

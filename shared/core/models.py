@@ -16,8 +16,8 @@ from uuid import UUID
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from shared.core.errors import ApiError, from_validation
+from shared.core.names import CONTAINER_NAME, container_name
 
-CONTAINER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 ENDPOINT_PATH = re.compile(r"^/[A-Za-z0-9/._~-]{0,200}$")
 # Docker's reference grammar (distribution/reference): [host[:port]/]path[:tag][@digest].
@@ -84,8 +84,7 @@ class DeployRequest(_Strict):
     @classmethod
     def _container_name(cls, value: str) -> str:
         if not CONTAINER_NAME.fullmatch(value):
-            raise ValueError("must be 1-63 characters: letters, digits, '_', '.', '-', starting with a letter or "
-                             "digit (Docker container name rules)")
+            raise ValueError(name_problem(value))
         return value
 
     @field_validator("image")
@@ -127,6 +126,29 @@ class ActionRequest(_Strict):
     force: StrictBool = False
 
 
+NAME_RULE = ("1-63 characters: letters, digits, '_', '.', '-', starting with a letter or digit (Docker container "
+             "name rules)")
+NAME_FIELDS = ("name", "instanceNameOnToolbox", "instance_name_on_toolbox")
+
+
+def name_problem(value: str) -> str:
+    """Why `value` is not a container name, and the name derived from it that would be (names.py)."""
+    suggestion = container_name(value)
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    if suggestion is None:
+        return f"{shown!r} is not a valid container name and holds nothing to build one from: use {NAME_RULE}"
+    return f"{shown!r} is not a valid container name ({NAME_RULE}); use {suggestion!r}"
+
+
+def _suggested_name(body: dict[str, Any], errors: list[Any]) -> str | None:
+    """The valid name to offer when the request's name is what failed (in whichever spelling it came)."""
+    for error in errors:
+        where = error["loc"][0] if error["loc"] else None
+        if where in NAME_FIELDS and isinstance(body.get(where), str):
+            return container_name(body[where])
+    return None
+
+
 def _location(item: dict[str, Any]) -> str:
     return ".".join(str(p) for p in item["loc"]) or "body"
 
@@ -143,4 +165,8 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         if unknown:
             raise ApiError(422, "unknown_fields", f"unknown field(s): {', '.join(unknown)}",
                            {"fields": unknown}) from None
-        raise from_validation(exc) from None
+        refused = from_validation(exc)
+        suggestion = _suggested_name(body, errors)
+        if suggestion is not None:
+            refused.details["suggested_name"] = suggestion
+        raise refused from None

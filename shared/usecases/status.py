@@ -13,7 +13,8 @@ from typing import Any
 
 from shared.adapters.auth import authenticate
 from shared.adapters.db import Database
-from shared.adapters.http import Call, Reply
+from shared.adapters.http import Call, Reply, Stream
+from shared.usecases import watch
 from shared.usecases.ports import Ports
 from shared.usecases.refresh import refresh
 from shared.usecases.status_query import Query, encode_cursor, parse_query
@@ -26,7 +27,7 @@ def _read(db: Database, user_id: str, query: Query) -> dict[str, Any]:
                    p_status=query.status, p_limit=query.limit, p_cursor=query.cursor)
 
 
-def handle(call: Call, ports: Ports) -> Reply:
+def handle(call: Call, ports: Ports) -> Reply | Stream:
     """Authenticate, validate, read (and refresh), render."""
     user = authenticate(call.header("Authorization"), ports.verifier)
     if call.path.strip("/") == "toolboxes":
@@ -35,6 +36,8 @@ def handle(call: Call, ports: Ports) -> Reply:
         call.log_fields["user_id"] = user.user_id
         return Reply(200, list_toolboxes(ports.db, user.user_id, ports.settings))
     query = parse_query(call)
+    if query.watch:
+        return watch.handle(call, ports, user.user_id, query)
     page = _read(ports.db, user.user_id, query)
     refreshed = None
     if query.refresh and page["items"]:

@@ -151,6 +151,10 @@ class World:
         """A function's environment; functions that enqueue get the emulator (see the class docstring)."""
         if queue is None:
             queue = COMMAND_QUEUE if function == "manage_mcp_server" else HELD_QUEUE
+        if function == "mcp_status_sweep":
+            # The world's servers are records with no MCP endpoint behind them: a sweep would spend its
+            # whole probe budget (MCP_SWEEP_PROBE_BUDGET_SECONDS) on them. bench/mcp_probe.py measures probing.
+            extra.setdefault("MCP_SWEEP_PROBE_BATCH", "0")
         return function_env(self.pg.uri, **queue_env(self.tasks.url, self.worker_url, queue), **extra)
 
     def settle(self, timeout: float = 60.0) -> None:

@@ -349,5 +349,7 @@ def test_demo_walkthrough_end_to_end(tmp_path: Path) -> None:
     assert "unknown after" in output and "toolbox is now unresponsive" in output
     assert "Demo passed" in output and "FAILED" not in output
     assert postmaster_pid(tmp_path / "pg") is None
-    assert not [line for line in output.splitlines() if "Traceback" in line]
+    lines = output.splitlines()
+    tracebacks = ["\n".join(lines[i:i + 30]) for i, line in enumerate(lines) if "Traceback" in line]
+    assert not tracebacks, tracebacks
     assert os.path.exists(tmp_path / "state" / "stack.log")
